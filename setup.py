@@ -1,0 +1,33 @@
+"""samba_jax: Samba (Mamba + sliding-window attention) pretraining in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="samba_jax",
+    version="0.1.0",
+    description="Samba (Mamba + sliding-window attention) language-model pretraining in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.14",
+    packages=find_packages(include=["samba_jax", "samba_jax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        # One jax version on CPU and on the H200 image (jax 0.11.2, CUDA 13).
+        "jax==0.11.2",
+        "flax==0.12.10",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.4",
+        "grain==0.2.18",
+        "array-record>=0.8.1",
+        "ml-collections>=1.1.0",
+        "sentencepiece>=0.2.0",
+        "tensorboardX>=2.6",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "tfds": ["tensorflow-datasets>=4.9.10"],
+        "gpu": ["jax[cuda13]==0.11.2"],
+    },
+)
