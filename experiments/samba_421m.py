@@ -1,0 +1,20 @@
+"""Samba-421M (microsoft/Samba `Samba_421M`): 12 blocks, d 1536, 421.8M parameters, 20B tokens.
+
+python -m samba_jax.train --config=experiments/samba_421m.py --workdir=/tmp/samba_421m \
+  --config.data.source='jsonl:/data/slimpajama/train/*.jsonl' --config.data.tokenizer=/data/llama2.model
+"""
+
+from samba_jax.configs.base import base_config, parse_arg, shrink_for_local_run
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, seq_len=4096, runlocal=False)
+    c = base_config()
+    c.model.update(vocab_size=32000, d_model=1536, num_repeats=6, pattern="mamba,mlp,swa,mlp",
+                   num_heads=12, num_kv_heads=12, head_dim=128, window=2048, mlp_hidden=4096)
+    c.data.seq_len = arg.seq_len
+    c.batch_size = 512 * 4096 // arg.seq_len  # 2M tokens per step at any length
+    c.num_train_steps = 9537  # 20e9 / 2**21 tokens
+    if arg.runlocal:
+        shrink_for_local_run(c)
+    return c

@@ -1,0 +1,119 @@
+"""The shared run configuration: the Samba reference's recipe as defaults.
+
+Experiment files (`experiments/*.py`) call `base_config()` and set the model shape. Every field
+can be overridden on the command line as `--config.a.b=value`; variants go after a colon,
+`--config=experiments/samba_1b.py:runlocal,seq_len=1024` (parsed by `parse_arg`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults):
+    """big_vision-style variant string: "a=1,b=x,flag" -> ConfigDict(a=1, b='x', flag=True).
+
+    Values take the type of the default given for that key; bare names are booleans.
+    """
+    result = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"Unknown experiment variant {key!r}; this experiment accepts {sorted(defaults)}.")
+        default = defaults[key]
+        if not sep:
+            result[key] = True
+        elif isinstance(default, bool):
+            result[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            result[key] = type(default)(value)
+    return result
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Recipe of microsoft/Samba `pretrain.py`; the model fields are the Samba-421M shape."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=32000,  # Llama-2 SentencePiece
+        d_model=1536,
+        num_repeats=6,  # repeats of the pattern; 6 x (Mamba+MLP, SWA+MLP) = the reference's 12 blocks
+        pattern="mamba,mlp,swa,mlp",
+        num_heads=12,
+        num_kv_heads=12,
+        head_dim=128,
+        window=2048,  # keys i-2047..i, flash-attn window_size=(2047, 0)
+        mlp_hidden=4096,  # 8/3 * d_model
+        ssm_expand=2,
+        ssm_state=16,
+        ssm_conv=4,
+        dt_rank=0,  # 0: ceil(d_model / 16)
+        dt_min=1e-3,
+        dt_max=1e-1,
+        dt_init_floor=1e-4,
+        rope_base=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        compute_dtype="auto",  # bfloat16 on GPU/TPU, float32 on CPU
+        scan_implementation="",  # "" = best for the platform; reference | associative | chunked
+        scan_chunk=64,
+        attention_implementation="",  # "" = best for the platform; reference | banded
+        attention_block=0,
+        remat="none",  # none | block | save_dots
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        # "stdlib" (offline default corpus), "text:GLOB" or "jsonl:GLOB".
+        source="stdlib",
+        # Validation documents: "" = the default corpus's validation split for "stdlib", else none.
+        eval_source="",
+        tokenizer="",  # SentencePiece .model; "" trains one on the default corpus (stdlib only)
+        seq_len=4096,
+        jsonl_field="text",
+        worker_count=0,
+    ))
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=4e-4,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,  # on all parameters, as the reference (no mask)
+        warmup_fraction=0.01,  # linear warm-up from 0 over 1% of steps
+        min_lr_ratio=0.1,  # cosine to lr/10
+        grad_clip=1.0,
+    ))
+
+    c.batch_size = 512  # global sequences per optimizer step (512 x 4096 = 2M tokens)
+    c.micro_batch_size = 8  # global sequences per accumulation step; raise it with more devices
+    c.num_train_steps = 9537  # 20B tokens for the 421M model
+    c.log_every_steps = 10
+    c.eval_every_steps = 1000
+    c.eval_steps = 50  # validation batches (of micro_batch_size sequences) per evaluation
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.seed = 3407
+    return c
+
+
+def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
+    """The `:runlocal` variant: the full-size model for a few tiny steps (a smoke test, not training)."""
+    c.batch_size, c.micro_batch_size, c.num_train_steps = 2, 1, 4
+    c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
+    c.eval_steps = 1
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/experiment.py[:variant]` outside absl flags (benchmarks, tests, notebooks)."""
+    import importlib.util
+    import os
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Experiment file {path!r} does not exist; experiments live in experiments/*.py.")
+    module_spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -1,0 +1,44 @@
+"""Grouped-query attention with rotary embeddings: sliding-window ("swa") or full causal ("attn").
+
+As the reference's `CausalSelfAttention`: no biases, NeoX rotary over the whole head at absolute
+positions, scale 1/sqrt(head_dim), query i sees keys i-window < j <= i. The kernel choice lives in
+`samba_jax.ops.sliding_window_attention`; this module only projects and rotates.
+x: (batch, seq, d_model) -> (batch, seq, d_model).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from samba_jax import ops
+from samba_jax.config import ModelConfig
+from samba_jax.model.layers import Dense, apply_rotary
+
+
+class Attention(nn.Module):
+    """GQA attention; `window=None` is full causal attention."""
+
+    cfg: ModelConfig
+    window: int | None
+    out_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.compute_dtype)
+        batch, seq, _ = x.shape
+        h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        q = Dense(h * hd, ("embed", "heads"), dtype, name="q_proj")(x).reshape(batch, seq, h, hd)
+        k = Dense(kv * hd, ("embed", "kv_heads"), dtype, name="k_proj")(x).reshape(batch, seq, kv, hd)
+        v = Dense(kv * hd, ("embed", "kv_heads"), dtype, name="v_proj")(x).reshape(batch, seq, kv, hd)
+        q = apply_rotary(q, positions, cfg.rope_base)
+        k = apply_rotary(k, positions, cfg.rope_base)
+
+        o = ops.sliding_window_attention(
+            q, k, v, self.window, implementation=cfg.attention_implementation or None,
+            block_size=cfg.attention_block or None)
+        return Dense(cfg.d_model, ("heads", "embed"), dtype, self.out_scale, name="o_proj")(
+            o.reshape(batch, seq, h * hd))

@@ -1,0 +1,2 @@
+from samba_jax.ops.selective_scan import selective_scan, selective_scan_step
+from samba_jax.ops.attention import sliding_window_attention, sliding_window_attention_decode

@@ -1,0 +1,234 @@
+"""Mamba-1 selective scan (the S6 recurrence) in pure JAX.
+
+Per channel d and state index n, with Δ = softplus(delta + delta_bias) when delta_softplus:
+
+    h_t = exp(Δ_t A) * h_{t-1} + Δ_t B_t u_t          (h_{-1} = initial_state, else 0)
+    y_t = Σ_n C_t h_t + D u_t,     then y_t *= silu(z_t) when z is given
+
+Each step is the affine map h -> a*h + b with a = exp(ΔA), b = ΔBu. Such maps compose
+associatively, (a1, b1) then (a2, b2) = (a1*a2, a2*b1 + b2), so all prefixes h_t can be
+computed with a parallel scan. "reference" runs the recurrence step by step (the test
+oracle); "associative" scans the whole sequence at once and so holds (batch, seq, d_inner,
+d_state) tensors; "chunked" carries the state across chunks with lax.scan and scans each
+rematerialised chunk in parallel. All internal math is float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+# A scan core maps float32 (u, Δ, A, B, C, initial_state, chunk_size) to
+# (y_ssm (batch, seq, d_inner), final_state (batch, d_inner, d_state)); y_ssm is C·h only,
+# the D skip and the z gate are applied by the caller.
+ScanCore = Callable[[Array, Array, Array, Array, Array, Array, int], tuple[Array, Array]]
+
+
+def _compose(earlier: tuple[Array, Array], later: tuple[Array, Array]) -> tuple[Array, Array]:
+    """Compose affine maps h -> a*h + b: apply `earlier`, then `later`."""
+    decay_earlier, drive_earlier = earlier
+    decay_later, drive_later = later
+    return decay_earlier * decay_later, decay_later * drive_earlier + drive_later
+
+
+def _scan_block(state: Array, u: Array, delta: Array, A: Array, B: Array, C: Array) -> tuple[Array, Array]:
+    """Parallel scan over a block of steps starting from `state`.
+
+    state: (batch, d_inner, d_state); u, delta: (batch, steps, d_inner); A: (d_inner, d_state);
+    B, C: (batch, steps, d_state). Returns (y (batch, steps, d_inner), last state).
+    """
+    decay = jnp.exp(delta[..., None] * A)  # (batch, steps, d_inner, d_state)
+    drive = (delta * u)[..., None] * B[:, :, None, :]
+    # Fold the incoming state into the first step's drive, so the scanned drive *is* h_t.
+    drive = drive.at[:, 0].add(decay[:, 0] * state)
+    _, states = lax.associative_scan(_compose, (decay, drive), axis=1)
+    # Multiply-and-sum rather than einsum: stays float32 exact where GPUs would use TF32 dots.
+    y = jnp.sum(states * C[:, :, None, :], axis=-1)
+    return y, states[:, -1]
+
+
+def _scan_reference(u: Array, delta: Array, A: Array, B: Array, C: Array,
+                    initial_state: Array, chunk_size: int) -> tuple[Array, Array]:
+    """Sequential lax.scan over time, one step at a time (the oracle)."""
+    del chunk_size
+
+    def step(state: Array, inputs: tuple[Array, ...]) -> tuple[Array, Array]:
+        u_t, delta_t, B_t, C_t = inputs  # (batch, d_inner), (batch, d_inner), (batch, d_state) x2
+        state = jnp.exp(delta_t[:, :, None] * A) * state + (delta_t * u_t)[:, :, None] * B_t[:, None, :]
+        return state, jnp.sum(state * C_t[:, None, :], axis=-1)
+
+    time_major = tuple(jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C))
+    final_state, y = lax.scan(step, initial_state, time_major)
+    return jnp.swapaxes(y, 0, 1), final_state
+
+
+def _scan_associative(u: Array, delta: Array, A: Array, B: Array, C: Array,
+                      initial_state: Array, chunk_size: int) -> tuple[Array, Array]:
+    """One associative_scan over the whole sequence (baseline; O(seq·d_inner·d_state) memory)."""
+    del chunk_size
+    return _scan_block(initial_state, u, delta, A, B, C)
+
+
+def _scan_chunked(u: Array, delta: Array, A: Array, B: Array, C: Array,
+                  initial_state: Array, chunk_size: int) -> tuple[Array, Array]:
+    """lax.scan over chunks of `chunk_size` steps; a parallel scan inside each chunk.
+
+    The chunk body is rematerialised, so the backward pass keeps only one
+    (batch, d_inner, d_state) state per chunk plus the (batch, seq, ·) inputs.
+    """
+    batch, seq_len, _ = u.shape
+    chunk = min(chunk_size, seq_len)
+    num_chunks = -(-seq_len // chunk)
+    padding = num_chunks * chunk - seq_len
+
+    def to_chunks(x: Array) -> Array:
+        """(batch, seq, f) -> (num_chunks, batch, chunk, f), zero-padded at the end."""
+        if padding:
+            # Zero Δ on padded steps gives exp(0·A) = 1 and ΔBu = 0: the state passes through.
+            x = jnp.pad(x, ((0, 0), (0, padding), (0, 0)))
+        return jnp.swapaxes(x.reshape(batch, num_chunks, chunk, x.shape[-1]), 0, 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_body(state: Array, chunk_inputs: tuple[Array, ...]) -> tuple[Array, Array]:
+        u_chunk, delta_chunk, B_chunk, C_chunk = chunk_inputs
+        y_chunk, state = _scan_block(state, u_chunk, delta_chunk, A, B_chunk, C_chunk)
+        return state, y_chunk
+
+    chunked_inputs = tuple(to_chunks(x) for x in (u, delta, B, C))
+    final_state, y = lax.scan(chunk_body, initial_state, chunked_inputs)
+    y = jnp.swapaxes(y, 0, 1).reshape(batch, num_chunks * chunk, -1)
+    return y[:, :seq_len], final_state
+
+
+_IMPLEMENTATIONS: dict[str, ScanCore] = {
+    "reference": _scan_reference,
+    "associative": _scan_associative,
+    "chunked": _scan_chunked,
+}
+
+# Fastest implementation per backend; a backend missing here gets "chunked".
+_DEFAULT_IMPLEMENTATION_BY_PLATFORM: dict[str, str] = {"cpu": "chunked", "gpu": "chunked", "tpu": "chunked"}
+
+
+def _resolve_implementation(implementation: str | None) -> ScanCore:
+    if implementation is None:
+        implementation = _DEFAULT_IMPLEMENTATION_BY_PLATFORM.get(jax.default_backend(), "chunked")
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"selective_scan: unknown `implementation` {implementation!r}; "
+                         f"valid names are {sorted(_IMPLEMENTATIONS)}")
+    return _IMPLEMENTATIONS[implementation]
+
+
+def _layout(axes: tuple[str, ...]) -> str:
+    """Render axis names as a shape, e.g. ("d_inner",) -> "(d_inner,)"."""
+    return "(" + ", ".join(axes) + ("," if len(axes) == 1 else "") + ")"
+
+
+def _validate(function: str, u: Array, A: Array, u_axes: tuple[str, ...],
+              expected_axes: dict[str, tuple[Array | None, tuple[str, ...]]]) -> None:
+    """Check `u` and `A` ranks, then each optional array in `expected_axes` against its axes.
+
+    `expected_axes` maps argument name -> (array or None, axis names among u_axes and "d_state").
+    """
+    if jnp.ndim(u) != len(u_axes):
+        raise ValueError(f"{function}: `u` must have shape {_layout(u_axes)}, got {tuple(jnp.shape(u))}")
+    if jnp.ndim(A) != 2:
+        raise ValueError(f"{function}: `A` must be 2-D (d_inner, d_state), got shape {tuple(jnp.shape(A))}")
+    sizes = dict(zip(u_axes, jnp.shape(u)), d_state=jnp.shape(A)[1])
+    if sizes.get("seq", 1) < 1:
+        raise ValueError(f"{function}: `u` must have at least one step, got shape {tuple(jnp.shape(u))}")
+    for name, (array, axes) in {"A": (A, ("d_inner", "d_state")), **expected_axes}.items():
+        expected = tuple(sizes[axis] for axis in axes)
+        if array is not None and tuple(jnp.shape(array)) != expected:
+            raise ValueError(f"{function}: `{name}` must have shape {_layout(axes)} = {expected}, "
+                             f"got {tuple(jnp.shape(array))}")
+
+
+def _discretization_step(delta: Array, delta_bias: Array | None, delta_softplus: bool) -> Array:
+    """Δ in float32: delta (+ delta_bias), through softplus if requested."""
+    delta = delta.astype(jnp.float32)
+    if delta_bias is not None:
+        delta = delta + delta_bias.astype(jnp.float32)
+    return jax.nn.softplus(delta) if delta_softplus else delta
+
+
+def _skip_and_gate(y: Array, u: Array, D: Array | None, z: Array | None) -> Array:
+    """y + D·u, times silu(z) if given; float32 in, float32 out."""
+    if D is not None:
+        y = y + D.astype(jnp.float32) * u
+    if z is not None:
+        y = y * jax.nn.silu(z.astype(jnp.float32))
+    return y
+
+
+def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
+                   D: Array | None = None, z: Array | None = None,
+                   delta_bias: Array | None = None, delta_softplus: bool = False,
+                   initial_state: Array | None = None, return_final_state: bool = False,
+                   implementation: str | None = None,
+                   chunk_size: int = 64) -> Array | tuple[Array, Array]:
+    """Mamba-1 selective scan, semantics of mamba_ssm's `selective_scan_fn` (channels-last).
+
+    u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
+    D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
+    implementation: "reference", "associative" or "chunked"; None picks the platform default.
+    chunk_size: steps per chunk for "chunked" (clipped to seq).
+    Returns y (batch, seq, d_inner) in u's dtype, plus the float32 final state
+    (batch, d_inner, d_state) if return_final_state.
+    """
+    u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
+    D, z, delta_bias, initial_state = (None if x is None else jnp.asarray(x)
+                                       for x in (D, z, delta_bias, initial_state))
+    sequence, state_sequence = ("batch", "seq", "d_inner"), ("batch", "seq", "d_state")
+    _validate("selective_scan", u, A, sequence, {
+        "delta": (delta, sequence), "z": (z, sequence), "B": (B, state_sequence),
+        "C": (C, state_sequence), "D": (D, ("d_inner",)), "delta_bias": (delta_bias, ("d_inner",)),
+        "initial_state": (initial_state, ("batch", "d_inner", "d_state")),
+    })
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"selective_scan: `chunk_size` must be an integer >= 1, got {chunk_size!r}")
+    scan_core = _resolve_implementation(implementation)
+
+    batch, _, d_inner = u.shape
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, d_inner, A.shape[1]), jnp.float32)
+    u32 = u.astype(jnp.float32)
+    y, final_state = scan_core(u32, _discretization_step(delta, delta_bias, delta_softplus),
+                               A.astype(jnp.float32), B.astype(jnp.float32), C.astype(jnp.float32),
+                               initial_state.astype(jnp.float32), int(chunk_size))
+    y = _skip_and_gate(y, u32, D, z).astype(u.dtype)
+    return (y, final_state) if return_final_state else y
+
+
+def selective_scan_step(state: Array, u: Array, delta: Array, A: Array, B: Array, C: Array,
+                        D: Array | None = None, z: Array | None = None,
+                        delta_bias: Array | None = None,
+                        delta_softplus: bool = False) -> tuple[Array, Array]:
+    """One recurrent step, for decoding a single new token.
+
+    state: (batch, d_inner, d_state) f32; u, delta, z: (batch, d_inner); A: (d_inner, d_state);
+    B, C: (batch, d_state); D, delta_bias: (d_inner,).
+    Returns (y (batch, d_inner) in u's dtype, new_state (batch, d_inner, d_state) f32).
+    """
+    state, u, delta, A, B, C = (jnp.asarray(x) for x in (state, u, delta, A, B, C))
+    D, z, delta_bias = (None if x is None else jnp.asarray(x) for x in (D, z, delta_bias))
+    token, token_state = ("batch", "d_inner"), ("batch", "d_state")
+    _validate("selective_scan_step", u, A, token, {
+        "state": (state, ("batch", "d_inner", "d_state")), "delta": (delta, token), "z": (z, token),
+        "B": (B, token_state), "C": (C, token_state), "D": (D, ("d_inner",)),
+        "delta_bias": (delta_bias, ("d_inner",)),
+    })
+    u32 = u.astype(jnp.float32)
+    delta32 = _discretization_step(delta, delta_bias, delta_softplus)
+    decay = jnp.exp(delta32[:, :, None] * A.astype(jnp.float32))
+    drive = (delta32 * u32)[:, :, None] * B.astype(jnp.float32)[:, None, :]
+    new_state = decay * state.astype(jnp.float32) + drive
+    y = jnp.sum(new_state * C.astype(jnp.float32)[:, None, :], axis=-1)
+    return _skip_and_gate(y, u32, D, z).astype(u.dtype), new_state

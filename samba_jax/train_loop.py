@@ -1,0 +1,172 @@
+"""The training loop: data -> model -> optimizer -> steps, with eval, metrics and checkpoints.
+
+Reads top to bottom like a big_vision trainer; the pieces live in small modules (`trainer`,
+`checkpoint`, `metrics`, `data`). Rerunning the same command resumes from the newest checkpoint
+in the workdir; SIGTERM or Ctrl-C finishes the current step, saves, and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+
+from samba_jax import checkpoint, metrics
+from samba_jax.config import ModelConfig, flops_per_token, parameter_count, validate_run
+from samba_jax.data import pipeline
+from samba_jax.model.samba import SambaLM
+from samba_jax.trainer import init_state, make_eval_step, make_optimizer, make_train_step
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (save, then exit)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.signum = signum
+        metrics.log(f"Received signal {signum}: finishing this step, saving, then exiting.")
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def write_config(config: Any, workdir: str, step: int) -> None:
+    """Writes the resolved config as config.json; a different earlier one is kept, never overwritten."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+        path = os.path.join(workdir, f"config.resumed_at_step_{step}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def evaluate(eval_step, params, make_eval_iter) -> dict[str, float]:
+    """Mean next-token loss and perplexity over the (fixed) validation batches."""
+    total, count = 0.0, 0.0
+    for batch in make_eval_iter():
+        loss_sum, n = eval_step(params, batch["tokens"])
+        total, count = total + float(loss_sum), count + float(n)
+    if count == 0:
+        return {}
+    loss = total / count
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last metrics."""
+    model_cfg = ModelConfig.from_config(config.model)
+    validate_run(config, model_cfg)
+    seq_len, pcount = config.data.seq_len, jax.process_count()
+    accum = config.batch_size // config.micro_batch_size
+    if config.micro_batch_size % pcount:
+        raise ValueError(f"config.micro_batch_size={config.micro_batch_size} must be divisible by the "
+                         f"process count {pcount}. Fix: use a multiple of {pcount}.")
+
+    # Data: a tokenizer (trained on the default corpus on first use) and grain iterators.
+    tokenizer = pipeline.get_tokenizer(config.data.source, config.data.tokenizer, workdir, model_cfg.vocab_size)
+    if tokenizer.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} differs from the tokenizer's "
+                         f"vocabulary ({tokenizer.vocab_size}, {config.data.tokenizer or 'default'}). "
+                         f"Fix: set --config.model.vocab_size={tokenizer.vocab_size}.")
+    local_batch = config.batch_size // pcount
+    train_iter = iter(pipeline.make_dataset(
+        config.data.source, tokenizer, seq_len, local_batch, seed=config.seed, split="train",
+        jsonl_field=config.data.jsonl_field, worker_count=config.data.worker_count))
+    eval_source = config.data.eval_source or (config.data.source if config.data.source == "stdlib" else "")
+
+    def make_eval_iter():
+        # Fixed batches: unshuffled, repeated so every process takes exactly eval_steps batches.
+        return iter(pipeline.make_dataset(
+            eval_source, tokenizer, seq_len, config.micro_batch_size // pcount, seed=config.seed,
+            split="validation", shuffle=False, repeat=True, jsonl_field=config.data.jsonl_field,
+            max_batches=config.eval_steps))
+
+    # Model, optimizer, state (restored if the workdir holds a checkpoint).
+    model = SambaLM(model_cfg)
+    tx, schedule = make_optimizer(config.optimizer, config.num_train_steps)
+    abstract_state = jax.eval_shape(lambda: init_state(model_cfg, tx, jax.random.key(config.seed)))
+    manager = checkpoint.make_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints,
+                                      config.async_checkpointing)
+    restored = checkpoint.restore_latest(manager, abstract_state, train_iter)
+    if restored is None:
+        state, start = init_state(model_cfg, tx, jax.random.key(config.seed)), 0
+    else:
+        start, state = restored
+        metrics.log(f"Resumed from checkpoint at step {start} in {workdir}/checkpoints.")
+    write_config(config, workdir, start)
+
+    counts = parameter_count(model_cfg)
+    flops = flops_per_token(model_cfg, seq_len)
+    metrics.log(f"Model: {counts['total'] / 1e6:.2f}M parameters, {flops['train'] / 1e9:.3f} GFLOP/token "
+                f"(train, MaxText convention + scan), compute dtype {model_cfg.compute_dtype}, "
+                f"{jax.device_count()} x {jax.devices()[0].device_kind}; batch {config.batch_size} x {seq_len} "
+                f"in {accum} micro-batches of {config.micro_batch_size}.")
+
+    train_step, eval_step = make_train_step(model, tx, schedule), make_eval_step(model)
+    writer = metrics.MetricWriter(workdir)
+    throughput = metrics.Throughput(config.batch_size * seq_len, flops["train"], config.num_train_steps)
+    stop = StopRequested()
+    last: dict[str, float] = {}
+    step = start
+    if start == 0 and eval_source:  # the loss before training, so the first curve point is the init
+        ev = evaluate(eval_step, state["params"], make_eval_iter)
+        metrics.log(f"step 0 eval_loss {ev['eval_loss']:.4f} perplexity {ev['eval_perplexity']:.2f}")
+        writer.write(0, ev)
+    try:
+        while step < config.num_train_steps:
+            tokens = np.asarray(next(train_iter)["tokens"]).reshape(accum, -1, seq_len + 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = train_step(state, tokens)
+            step += 1
+            throughput.tick()
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"Loss became {record['loss']} at step {step}; the last checkpoint "
+                                             f"is step {manager.latest_step()}. Lower the learning rate.")
+                record.update(throughput.report(step))
+                metrics.log(metrics.format_line(step, config.num_train_steps, record))
+                writer.write(step, record)
+                last = record
+            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+                with throughput.pause():
+                    if eval_source:
+                        ev = evaluate(eval_step, state["params"], make_eval_iter)
+                        if ev:
+                            metrics.log(f"step {step} eval_loss {ev['eval_loss']:.4f} "
+                                        f"perplexity {ev['eval_perplexity']:.2f}")
+                            writer.write(step, ev)
+                            last.update(ev)
+            with throughput.pause():
+                checkpoint.save(manager, step, state, train_iter,
+                                force=stop.signum is not None or step == config.num_train_steps)
+            if stop.signum is not None:
+                break
+    finally:
+        stop.restore()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    if stop.signum is not None:
+        metrics.log(f"Saved step {step} after signal {stop.signum}; rerun the same command to resume.")
+        raise SystemExit(128 + stop.signum)
+    return last

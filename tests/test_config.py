@@ -1,0 +1,75 @@
+"""Config validation (named errors before compile), variants, and the FLOP convention."""
+
+import pytest
+
+from samba_jax.config import ConfigError, ModelConfig, flops_per_token, validate_run
+from samba_jax.configs.base import base_config, parse_arg
+from tests.model.test_samba import load_experiment
+
+BASE = dict(vocab_size=100, d_model=64, num_repeats=1, num_heads=4, num_kv_heads=4, head_dim=16,
+            window=8, mlp_hidden=128, compute_dtype="float32")
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(num_kv_heads=3), "model.num_kv_heads"),
+    (dict(head_dim=10), "model.head_dim"),
+    (dict(head_dim=15, num_heads=4), "model.head_dim"),
+    (dict(window=0), "model.window"),
+    (dict(pattern="mamba,conv"), "model.pattern"),
+    (dict(pattern=""), "model.pattern"),
+    (dict(d_model=0), "model.d_model"),
+    (dict(remat="sometimes"), "model.remat"),
+    (dict(compute_dtype="float8"), "model.compute_dtype"),
+    (dict(bogus=1), "model.bogus"),
+])
+def test_bad_model_fields_name_the_field_and_the_fix(override, field):
+    with pytest.raises(ConfigError, match=rf"config\.{field}: .*Fix: "):
+        ModelConfig.from_config({**BASE, **override})
+
+
+def test_run_validation_catches_window_longer_than_sequence_and_bad_batches():
+    c = base_config()
+    c.model.update(BASE)
+    cfg = ModelConfig.from_config(c.model)
+    c.data.seq_len = 4
+    with pytest.raises(ConfigError, match=r"config\.model\.window: 8 is longer than data\.seq_len=4"):
+        validate_run(c, cfg)
+    c.data.seq_len = 64
+    c.batch_size, c.micro_batch_size = 10, 4
+    with pytest.raises(ConfigError, match=r"config\.micro_batch_size: 4 does not divide batch_size=10"):
+        validate_run(c, cfg)
+    c.micro_batch_size = 5
+    validate_run(c, cfg)
+
+
+def test_pattern_string_and_auto_dtype():
+    cfg = ModelConfig.from_config({**BASE, "pattern": " mamba, mlp ,swa,mlp", "compute_dtype": "auto"})
+    assert cfg.pattern == ("mamba", "mlp", "swa", "mlp")
+    assert cfg.compute_dtype == "float32"  # tests run on CPU
+    assert cfg.resolved_dt_rank == 4 and cfg.d_inner == 128 and cfg.num_layers == 4
+
+
+def test_parse_arg_variants():
+    arg = parse_arg("seq_len=1024,runlocal", seq_len=4096, runlocal=False)
+    assert arg.seq_len == 1024 and arg.runlocal is True
+    with pytest.raises(ValueError, match="Unknown experiment variant 'seqlen'"):
+        parse_arg("seqlen=3", seq_len=4096)
+
+
+def test_seq_len_variant_keeps_two_million_tokens_per_step():
+    c = load_experiment("samba_1b", "seq_len=8192")
+    assert c.data.seq_len == 8192 and c.batch_size * c.data.seq_len == 2**21
+
+
+def test_flops_follow_maxtext_conventions():
+    # One MLP sublayer: 2 FLOPs per MAC, three d x hidden matrices; plus the tied logits.
+    mlp = ModelConfig.from_config({**BASE, "pattern": "mlp"})
+    assert flops_per_token(mlp, 32)["forward"] == 2 * 3 * 64 * 128 + 2 * 100 * 64
+    # Attention: causal full = 4 T^2/2 H Dh per sequence; window counted as T*W - W^2/2.
+    full = ModelConfig.from_config({**BASE, "pattern": "attn"})
+    swa = ModelConfig.from_config({**BASE, "pattern": "swa"})
+    proj = 2 * 64 * 16 * (2 * 4 + 2 * 4) + 2 * 100 * 64
+    t, w, hd = 32, 8, 64
+    assert flops_per_token(full, t)["forward"] == pytest.approx(proj + 4 * t * t / 2 * hd / t)
+    assert flops_per_token(swa, t)["forward"] == pytest.approx(proj + 4 * (t * w - w * w / 2) * hd / t)
+    assert flops_per_token(swa, t)["train"] == pytest.approx(3 * flops_per_token(swa, t)["forward"])
