@@ -8,7 +8,7 @@ setup(
     description="Samba (Mamba + sliding-window attention) language-model pretraining in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11,<3.14",
+    python_requires=">=3.12",
     packages=find_packages(include=["samba_jax", "samba_jax.*", "pallas_kernels", "pallas_kernels.*"]),
     install_requires=[
         # One jax version on CPU and on the H200 image (jax 0.11.2, CUDA 13).
@@ -26,7 +26,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "test": ["pytest>=8"],
         "tfds": ["tensorflow-datasets>=4.9.10"],
         "gpu": ["jax[cuda13]==0.11.2"],
     },

@@ -11,17 +11,17 @@ from samba_jax.configs.base import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, steps=300)
+    arg = parse_arg(arg, steps=200)
     c = base_config()
     c.model.update(vocab_size=4096, d_model=128, num_repeats=2, pattern="mamba,mlp,swa,mlp",
                    num_heads=2, num_kv_heads=2, head_dim=64, window=64, mlp_hidden=384)
     c.data.update(source="stdlib", seq_len=128)
-    c.optimizer.update(learning_rate=3e-3, warmup_fraction=0.05)  # small models take larger steps
-    c.batch_size = 16
-    c.micro_batch_size = 16
+    c.optimizer.update(learning_rate=2e-3, warmup_fraction=0.05)  # small models take larger steps
+    c.batch_size = 32
+    c.micro_batch_size = 32
     c.num_train_steps = arg.steps
     c.log_every_steps = 10
-    c.eval_every_steps = 50
+    c.eval_every_steps = 25
     c.eval_steps = 8
     c.checkpoint_every_steps = 100
     c.seed = 3407

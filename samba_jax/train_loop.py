@@ -71,8 +71,12 @@ def evaluate(eval_step, params, make_eval_iter) -> dict[str, float]:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last metrics."""
+def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last metrics.
+
+    stop_after_steps: if positive, save and return after this many steps of this invocation (to
+    fit a job's time limit); rerunning continues exactly where it stopped.
+    """
     model_cfg = ModelConfig.from_config(config.model)
     validate_run(config, model_cfg)
     seq_len, pcount = config.data.seq_len, jax.process_count()
@@ -157,9 +161,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                             writer.write(step, ev)
                             last.update(ev)
             with throughput.pause():
-                checkpoint.save(manager, step, state, train_iter,
-                                force=stop.signum is not None or step == config.num_train_steps)
-            if stop.signum is not None:
+                last_of_run = step == config.num_train_steps or step - start == stop_after_steps
+                checkpoint.save(manager, step, state, train_iter, force=stop.signum is not None or last_of_run)
+            if stop.signum is not None or step - start == stop_after_steps:
                 break
     finally:
         stop.restore()

@@ -1,30 +1,8 @@
-"""Shared fixtures for the data tests: one tiny tokenizer and small corpora on disk."""
+"""Shared fixtures for the data tests: small corpora on disk (the tiny tokenizer is in tests/conftest.py)."""
 
 import json
 
 import pytest
-
-from samba_jax.data import tokenizer as tokenizer_lib
-
-TINY_VOCAB = 512
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer_workdir(tmp_path_factory):
-    """A workdir holding a 512-piece stdlib tokenizer trained on ~300K characters."""
-    workdir = tmp_path_factory.mktemp("tokenizer_workdir")
-    tokenizer_lib.train_default_tokenizer(
-        str(workdir), TINY_VOCAB, max_training_chars=300_000
-    )
-    return workdir
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_tokenizer_workdir):
-    return tokenizer_lib.Tokenizer(
-        tokenizer_lib.default_tokenizer_path(str(tiny_tokenizer_workdir), TINY_VOCAB)
-    )
-
 
 def numbered_documents(count: int) -> list[str]:
     """Distinct documents of varied length; document i starts with "doc i:"."""

@@ -12,7 +12,7 @@ from samba_jax.data import default_corpus
 from samba_jax.data import pipeline
 from samba_jax.data import tokenizer as tokenizer_lib
 
-from tests.data.conftest import TINY_VOCAB
+from tests.conftest import TINY_VOCAB
 
 
 def _take(dataset_or_iterator, n):

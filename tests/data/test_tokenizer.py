@@ -7,7 +7,7 @@ import pytest
 
 from samba_jax.data import tokenizer as tokenizer_lib
 
-from tests.data.conftest import TINY_VOCAB
+from tests.conftest import TINY_VOCAB
 
 SAMPLES = [
     "def f(x):\n\treturn  x + 1\n\n\n    # indented comment\n",
