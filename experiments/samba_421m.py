@@ -4,17 +4,11 @@ python -m samba_jax.train --config=experiments/samba_421m.py --workdir=/tmp/samb
   --config.data.source='jsonl:/data/slimpajama/train/*.jsonl' --config.data.tokenizer=/data/llama2.model
 """
 
-from samba_jax.configs.base import base_config, parse_arg, shrink_for_local_run
+from samba_jax.configs.base import pretraining_config
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, seq_len=4096, runlocal=False)
-    c = base_config()
+    c = pretraining_config(arg, train_tokens=20e9)
     c.model.update(vocab_size=32000, d_model=1536, num_repeats=6, pattern="mamba,mlp,swa,mlp",
                    num_heads=12, num_kv_heads=12, head_dim=128, window=2048, mlp_hidden=4096)
-    c.data.seq_len = arg.seq_len
-    c.batch_size = 512 * 4096 // arg.seq_len  # 2M tokens per step at any length
-    c.num_train_steps = 9537  # 20e9 / 2**21 tokens
-    if arg.runlocal:
-        shrink_for_local_run(c)
     return c

@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -56,10 +55,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None and "data_iter" in manager.item_metadata(step):
         args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError, TypeError) as e:  # orbax's messages name tensors, not the cause
+        raise ValueError(
+            f"The checkpoint at step {step} in {manager.directory} does not fit this config's model or data "
+            f"pipeline ({type(e).__name__}: {str(e)[:300]}). Fix: rerun with the config the workdir was "
+            f"created with (its config.json), or use a new --workdir.") from e
     return step, restored["state"]
 
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restore targets."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

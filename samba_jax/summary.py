@@ -60,7 +60,7 @@ def summary_text(config: Any) -> str:
     tokens = config.batch_size * seq
     lines.append(f"Per optimizer step ({config.batch_size} x {seq} tokens): "
                  f"{flops['train'] * tokens / 1e15:.2f} PFLOP; run of {config.num_train_steps} steps: "
-                 f"{flops['train'] * tokens * config.num_train_steps / 1e21:.2f} ZFLOP "
+                 f"{flops['train'] * tokens * config.num_train_steps / 1e18:,.1f} EFLOP "
                  f"({tokens * config.num_train_steps / 1e9:.1f}B tokens).")
     return "\n".join(lines)
 

@@ -116,6 +116,9 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     else:
         start, state = restored
         metrics.log(f"Resumed from checkpoint at step {start} in {workdir}/checkpoints.")
+        if start >= config.num_train_steps:
+            metrics.log(f"Nothing to do: step {start} >= num_train_steps={config.num_train_steps}; raise "
+                        f"--config.num_train_steps to train further.")
     write_config(config, workdir, start)
 
     counts = parameter_count(model_cfg)

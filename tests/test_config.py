@@ -73,3 +73,11 @@ def test_flops_follow_maxtext_conventions():
     assert flops_per_token(full, t)["forward"] == pytest.approx(proj + 4 * t * t / 2 * hd / t)
     assert flops_per_token(swa, t)["forward"] == pytest.approx(proj + 4 * (t * w - w * w / 2) * hd / t)
     assert flops_per_token(swa, t)["train"] == pytest.approx(3 * flops_per_token(swa, t)["forward"])
+
+
+def test_reference_token_budgets_and_runlocal_variant():
+    c421 = load_experiment("samba_421m")
+    assert (c421.batch_size, c421.data.seq_len, c421.num_train_steps) == (512, 4096, 9537)  # 20B tokens
+    assert load_experiment("samba_1b").num_train_steps == 47684  # 100B tokens
+    local = load_experiment("samba_1b", "runlocal")
+    assert (local.batch_size, local.num_train_steps) == (2, 4) and local.model.d_model == 2304

@@ -117,3 +117,14 @@ def test_cli_saves_on_sigterm_and_exits_143(tokenizer_path, tmp_path):
     saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
     assert saved and max(saved) >= last_step  # the step in flight when the signal came is saved too
     assert "rerun the same command to resume" in output
+
+
+def test_resuming_with_a_different_model_names_the_fix(uninterrupted_run, tokenizer_path, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(uninterrupted_run[0], workdir)
+    c = tiny_config(tokenizer_path, 20)
+    c.model.d_model, c.model.num_heads = 64, 4
+    with pytest.raises(ValueError, match="does not fit this config's model.*new --workdir"):
+        train_and_evaluate(c, workdir)

@@ -98,11 +98,22 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def shrink_for_local_run(c: ml_collections.ConfigDict) -> None:
-    """The `:runlocal` variant: the full-size model for a few tiny steps (a smoke test, not training)."""
-    c.batch_size, c.micro_batch_size, c.num_train_steps = 2, 1, 4
-    c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
-    c.eval_steps = 1
+def pretraining_config(arg: str | None, train_tokens: float) -> ml_collections.ConfigDict:
+    """The recipe at 2**21 tokens per step for `train_tokens` tokens, with the shared variants.
+
+    Variants: `seq_len=N` (batch 2**21 / N sequences, so tokens per step stay the same) and
+    `runlocal` (the full-size model for 4 tiny steps: a smoke test, not training).
+    """
+    arg = parse_arg(arg, seq_len=4096, runlocal=False)
+    c = base_config()
+    c.data.seq_len = arg.seq_len
+    c.batch_size = 2**21 // arg.seq_len
+    c.num_train_steps = round(train_tokens / 2**21)
+    if arg.runlocal:
+        c.batch_size, c.micro_batch_size, c.num_train_steps = 2, 1, 4
+        c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
+        c.eval_steps = 1
+    return c
 
 
 def load_experiment(spec: str) -> ml_collections.ConfigDict:
