@@ -221,7 +221,7 @@ def test_default_implementation_matches_reference():
 
 
 BAD_ARGUMENTS = [
-    ("implementation", lambda x: {"implementation": "pallas"}),
+    ("implementation", lambda x: {"implementation": "cuda"}),
     ("implementation", lambda x: {"implementation": "fast"}),
     ("chunk_size", lambda x: {"chunk_size": 0}),
     ("chunk_size", lambda x: {"chunk_size": 2.5}),
@@ -262,5 +262,5 @@ def test_step_bad_arguments_raise_value_error_naming_them(argument, override):
 
 def test_unknown_implementation_lists_valid_names():
     inputs = make_inputs(9, seq=3)
-    with pytest.raises(ValueError, match="associative.*chunked.*reference"):
-        selective_scan(**inputs, implementation="pallas")
+    with pytest.raises(ValueError, match="associative.*chunked.*pallas.*reference"):
+        selective_scan(**inputs, implementation="cuda")

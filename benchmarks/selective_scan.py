@@ -1,0 +1,107 @@
+"""Selective-scan implementations side by side: forward and forward+backward time, memory, floors.
+
+python benchmarks/selective_scan.py                      # the issue's shapes and the models' shapes
+python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas:32,chunked
+
+All inputs of mamba_ssm's training call (delta_bias + softplus, D, z gate; d_state 16). Times are
+medians over --iters calls after compilation; memory is XLA's temporary allocation of the compiled
+forward+backward. Ratios are to `associative` (whole-sequence lax.associative_scan). The floor is
+the larger of the exponentials at the special-function rate (132 SMs x 16/clk x 1.98 GHz on H200)
+and the forward's bytes (u, delta, z, y, B, C) at 3.4 TB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from samba_jax import ops  # noqa: E402
+
+# mamba_ssm 2.3.2 on one H200 (selective-scan issue): (fwd ms, fwd+bwd ms) per (shape, dtype).
+MAMBA_SSM_MS = {("4x4096x4096", "float32"): (2.31, 7.76), ("4x4096x4096", "bfloat16"): (1.16, 5.80),
+                ("1x16384x4096", "float32"): (2.69, 8.60), ("1x16384x4096", "bfloat16"): (1.47, 6.77)}
+EXP_PER_S = 132 * 16 * 1.98e9
+HBM_BYTES_PER_S = 3.4e12
+
+
+def inputs(batch, seq, width, dtype, d_state=16):
+    k = jax.random.split(jax.random.key(0), 7)
+    return dict(
+        u=jax.random.normal(k[0], (batch, seq, width), dtype), delta=jax.random.normal(k[1], (batch, seq, width), dtype),
+        A=-jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (width, d_state)),
+        B=jax.random.normal(k[2], (batch, seq, d_state), dtype), C=jax.random.normal(k[3], (batch, seq, d_state), dtype),
+        D=jnp.ones((width,)), z=jax.random.normal(k[4], (batch, seq, width), dtype),
+        delta_bias=jnp.full((width,), -4.0))
+
+
+def scan_fn(impl: str):
+    name, _, block = impl.partition(":")
+    if name == "pallas" and block:
+        from pallas_kernels.selective_scan import selective_scan as fused
+
+        return lambda **a: fused(**a, delta_softplus=True, block_d=int(block))
+    return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=name)
+
+
+def timed(fn, args, iters):
+    out = fn(args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4x4096x4096,1x16384x4096,8x4096x3072,4x4096x4608,1x16384x3072")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--impls", default="pallas:16,pallas:32,pallas:64,chunked,associative")
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}\n")
+    print("| shape (b x seq x d_inner) | dtype | impl | fwd ms | fwd+bwd ms | temp GiB | fwd vs assoc | "
+          "fwd+bwd vs assoc | speed vs mamba_ssm (fwd, f+b) | fwd / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        batch, seq, width = (int(x) for x in shape.split("x"))
+        for dtype_name in args.dtypes.split(","):
+            dtype = jnp.dtype(dtype_name)
+            a = inputs(batch, seq, width, dtype)
+            exps = batch * seq * width * 16
+            nbytes = batch * seq * (4 * width + 2 * 16) * dtype.itemsize
+            floor_ms = max(exps / EXP_PER_S, nbytes / HBM_BYTES_PER_S) * 1e3
+            results = {}
+            for impl in args.impls.split(","):
+                scan = scan_fn(impl)
+                fwd = jax.jit(lambda a, scan=scan: scan(**a))
+                loss = lambda a, scan=scan: jnp.sum(scan(**a).astype(jnp.float32))  # noqa: E731
+                both = jax.jit(jax.grad(loss, argnums=0))
+                try:
+                    mem = both.lower(a).compile().memory_analysis()
+                    temp = mem.temp_size_in_bytes / 2**30 if mem is not None else float("nan")
+                    results[impl] = (timed(fwd, a, args.iters), timed(both, a, args.iters), temp)
+                except Exception as e:  # noqa: BLE001  (an OOM or a lowering failure is a table entry)
+                    print(f"| {shape} | {dtype_name} | {impl} | failed: {type(e).__name__}: {str(e)[:150]} |||||||")
+                    continue
+            base = results.get("associative")
+            ref = MAMBA_SSM_MS.get((shape, dtype_name))
+            for impl, (f, fb, temp) in results.items():
+                vs_assoc = f"{base[0] / f:.2f}x | {base[1] / fb:.2f}x" if base else "- | -"
+                vs_ref = f"{ref[0] / f:.2f}x, {ref[1] / fb:.2f}x" if ref else "-"
+                print(f"| {shape} | {dtype_name} | {impl} | {f:.2f} | {fb:.2f} | {temp:.2f} | {vs_assoc} | "
+                      f"{vs_ref} | {f / floor_ms:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

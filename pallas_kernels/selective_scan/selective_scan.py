@@ -1,0 +1,120 @@
+"""The Pallas selective scan: layouts, padding and the custom VJP around the kernels.
+
+Semantics of mamba_ssm's `selective_scan_fn`, channels-last (as `samba_jax.ops.selective_scan`):
+Δ = softplus(delta + delta_bias) if asked; h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;
+y_t = C_t·h_t + D u_t; y *= silu(z). Everything from the softplus to the gate runs inside the
+kernel; the backward recomputes states from chunk-boundary states, so no (batch, seq, d_inner,
+d_state) tensor is ever allocated. On a CPU backend the same kernels run in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.selective_scan import triton_kernels as kernels
+
+F32 = jnp.float32
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def default_block_d(batch: int, width: int) -> int:
+    """Widest channel block (up to 64) that still gives >= 256 programs, about two per H200 SM.
+
+    Each program walks the whole sequence, so the grid must fill the GPU: measured on an H200
+    (BENCHMARKS.md), 64 is fastest at batch*d_inner >= 16K and 16 at batch 1, d_inner 4096.
+    """
+    for block in (64, 32):
+        if batch * width // block >= 256:
+            return block
+    return 16
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _scan(u, delta, z, bt, ct, at, d, bias, h0, options):
+    y, _, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options)
+    return y, final
+
+
+def _scan_fwd(u, delta, z, bt, ct, at, d, bias, h0, options):
+    y, chunk_states, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options)
+    return (y, final), (u, delta, z, bt, ct, at, d, bias, chunk_states)
+
+
+def _scan_bwd(options, residuals, cotangents):
+    u, delta, z, bt, ct, at, d, bias, chunk_states = residuals
+    dy, dfinal = cotangents
+    du, ddelta, dz, dbt, dct, dat, dd, dbias, dh0 = kernels.backward(
+        u, delta, z, bt, ct, at, d, bias, chunk_states, dy.astype(u.dtype), dfinal.astype(F32), **options)
+    if not options["has_z"]:
+        dz = jnp.zeros_like(z)  # the kernel never wrote it
+    # B, C are shared by all channels and A, D, bias by all batch elements and steps: reduce the
+    # per-program partial sums here.
+    return (du, ddelta, dz, dbt.sum(1).astype(bt.dtype), dct.sum(1).astype(ct.dtype), dat.sum(0),
+            dd.sum(0), dbias.sum(0), dh0)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, *, chunk_size: int = 64,
+                   block_d: int | None = None, num_warps: int = 4, interpret: bool | None = None):
+    """Fused selective scan.
+
+    u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
+    D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
+    chunk_size: steps between saved states (backward memory batch*seq/chunk*d_inner*d_state f32).
+    block_d: channels per program (a power of two; None: see `default_block_d`); num_warps: Triton
+      warps per program.
+    interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
+    Returns y (batch, seq, d_inner) in u's dtype, and the final float32 state if asked.
+    """
+    batch, seq, width = u.shape
+    d_state = A.shape[1]
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    block_d = default_block_d(batch, width) if block_d is None else block_d
+    if block_d < 1 or block_d & (block_d - 1):
+        raise ValueError(f"block_d must be a power of two, got {block_d}")
+    block_d = min(block_d, _next_power_of_2(width))
+    pad_d = -width % block_d
+    pad_n = _next_power_of_2(d_state) - d_state  # Triton tiles are powers of two
+
+    def pad_channels(x):  # (batch, seq, d_inner) -> padded d_inner; zero u makes padded channels inert
+        return jnp.pad(x, ((0, 0), (0, 0), (0, pad_d))) if pad_d else x
+
+    def state_major(x):  # (batch, seq, d_state) -> (batch, d_state_padded, seq)
+        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, pad_n), (0, 0)))
+
+    def vector(x, fill):
+        x = jnp.full((width,), fill, F32) if x is None else x.astype(F32)
+        return jnp.pad(x, (0, pad_d))[None, :]
+
+    has_z = z is not None
+    at = jnp.pad(A.astype(F32).T, ((0, pad_n), (0, pad_d)))  # padded rows/columns: A = 0, state stays 0
+    if initial_state is None:
+        h0 = jnp.zeros((batch, d_state + pad_n, width + pad_d), F32)
+    else:
+        h0 = jnp.pad(jnp.swapaxes(initial_state.astype(F32), 1, 2), ((0, 0), (0, pad_n), (0, pad_d)))
+    options = dict(chunk=int(min(chunk_size, seq)), block_d=block_d, softplus=bool(delta_softplus),
+                   has_z=has_z, num_warps=num_warps, interpret=bool(interpret))
+    y, final = _scan(pad_channels(u), pad_channels(delta), pad_channels(z if has_z else u), state_major(B),
+                     state_major(C), at, vector(D, 0.0), vector(delta_bias, 0.0), h0,
+                     _Options(options))
+    y = y[:, :, :width]
+    if not return_final_state:
+        return y
+    return y, jnp.swapaxes(final[:, :d_state, :width], 1, 2)
+
+
+class _Options(dict):
+    """Static kernel options, hashable so custom_vjp can treat them as a non-differentiable argument."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))

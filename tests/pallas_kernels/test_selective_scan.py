@@ -1,0 +1,104 @@
+"""The fused Pallas selective scan (interpret mode on CPU) against the `reference` lax.scan."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.selective_scan import selective_scan as fused
+from samba_jax import ops
+
+
+def make_inputs(batch, seq, width, d_state, seed=0, dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(seed), 9)
+    a_log = jnp.log(jnp.arange(1, d_state + 1, dtype=jnp.float32)) + 0.1 * jax.random.normal(k[2], (width, d_state))
+    return dict(
+        u=jax.random.normal(k[0], (batch, seq, width), dtype),
+        delta=(0.5 * jax.random.normal(k[1], (batch, seq, width))).astype(dtype),
+        A=-jnp.exp(a_log),
+        B=jax.random.normal(k[3], (batch, seq, d_state), dtype),
+        C=jax.random.normal(k[4], (batch, seq, d_state), dtype),
+        D=jax.random.normal(k[5], (width,)),
+        z=jax.random.normal(k[6], (batch, seq, width), dtype),
+        delta_bias=0.5 * jax.random.normal(k[7], (width,)) - 2.0,
+        initial_state=jax.random.normal(k[8], (batch, width, d_state)),
+    )
+
+
+def scalar_loss(scan, args, options):
+    y, final = scan(**args, **options, return_final_state=True)
+    weights = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    return jnp.sum(y.astype(jnp.float32) * weights) + 0.3 * jnp.sum(jnp.sin(final))
+
+
+def values_and_grads(scan, args, options):
+    return jax.value_and_grad(lambda a: scalar_loss(scan, a, options))(args)
+
+
+def assert_close(got, want, rtol, name=""):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.abs(want).max() + 1e-6
+    assert np.abs(got - want).max() <= rtol * scale, (name, np.abs(got - want).max(), scale)
+
+
+CASES = [  # (batch, seq, width, d_state, chunk, which optional inputs, softplus)
+    (2, 1, 40, 16, 8, ("D", "z", "delta_bias", "initial_state"), True),
+    (1, 7, 24, 16, 4, ("D", "z", "delta_bias", "initial_state"), True),
+    (2, 129, 40, 16, 16, ("D", "z", "delta_bias"), True),
+    (1, 129, 136, 5, 32, ("z", "initial_state"), False),
+    (1, 33, 48, 16, 64, (), False),
+    (1, 1000, 16, 16, 64, ("D", "z", "delta_bias", "initial_state"), True),
+]
+
+
+@pytest.mark.parametrize("batch,seq,width,d_state,chunk,optional,softplus", CASES)
+def test_fused_matches_reference_values_and_every_gradient(batch, seq, width, d_state, chunk, optional, softplus):
+    full = make_inputs(batch, seq, width, d_state)
+    args = {k: v for k, v in full.items() if k in ("u", "delta", "A", "B", "C") or k in optional}
+    if not softplus:  # without softplus the caller supplies Δ itself, positive (a negative Δ diverges)
+        args["delta"] = 0.2 * jnp.abs(args["delta"])
+    loss_ref, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=softplus,
+                                                                          implementation="reference"))
+    loss, grads = values_and_grads(fused, args, dict(delta_softplus=softplus, chunk_size=chunk, block_d=16))
+    assert_close(loss, loss_ref, 1e-5, "loss")
+    for name in args:
+        assert_close(grads[name], grads_ref[name], 2e-5, name)
+
+
+def test_dispatcher_routes_pallas_to_the_fused_kernel():
+    args = make_inputs(1, 20, 32, 16)
+    y = ops.selective_scan(**args, delta_softplus=True, implementation="pallas", chunk_size=8)
+    want = ops.selective_scan(**args, delta_softplus=True, implementation="reference")
+    assert_close(y, want, 1e-5)
+
+
+def test_bfloat16_inputs_within_1e2_of_float32_reference():
+    args = make_inputs(2, 50, 32, 16, dtype=jnp.bfloat16)
+    y = fused(**args, delta_softplus=True, chunk_size=16)
+    assert y.dtype == jnp.bfloat16
+    f32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    assert_close(y, ops.selective_scan(**f32, delta_softplus=True, implementation="reference"), 1e-2)
+    grads = jax.grad(lambda a: scalar_loss(fused, a, dict(delta_softplus=True, chunk_size=16)))(args)
+    grads_ref = jax.grad(lambda a: scalar_loss(ops.selective_scan, a, dict(delta_softplus=True,
+                                                                            implementation="reference")))(f32)
+    for name in ("u", "delta", "B", "C", "A", "D"):
+        assert_close(grads[name], grads_ref[name], 3e-2, name)
+
+
+def test_gradient_check_catches_a_perturbed_input():
+    args = make_inputs(1, 30, 16, 16)
+    options = dict(delta_softplus=True, implementation="reference")
+    grads_ref = jax.grad(lambda a: scalar_loss(ops.selective_scan, a, options))(args)
+    perturbed = dict(args, C=args["C"].at[0, 17, 3].add(0.05))
+    grads = jax.grad(lambda a: scalar_loss(fused, a, dict(delta_softplus=True, chunk_size=8)))(perturbed)
+    with pytest.raises(AssertionError):
+        for name in args:
+            assert_close(grads[name], grads_ref[name], 2e-5, name)
+
+
+def test_no_state_sized_tensor_in_forward_or_backward():
+    args = make_inputs(2, 256, 16, 16)
+    seq_state = {(2, 256, 16, 16), (2, 256, 16, 16)[::-1], (2, 16, 256, 16), (2, 16, 16, 256)}
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a: scalar_loss(fused, a, dict(chunk_size=32))))(args)
+    shapes = {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")}
+    assert not shapes & seq_state
