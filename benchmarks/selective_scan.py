@@ -43,11 +43,13 @@ def inputs(batch, seq, width, dtype, d_state=16):
 
 
 def scan_fn(impl: str):
-    name, _, block = impl.partition(":")
-    if name == "pallas" and block:
+    name, *knobs = impl.split(":")  # pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS]
+    if name == "pallas" and knobs:
         from pallas_kernels.selective_scan import selective_scan as fused
 
-        return lambda **a: fused(**a, delta_softplus=True, block_d=int(block))
+        block_d, *rest = (int(k) for k in knobs)
+        tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
+        return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning)
     return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=name)
 
 

@@ -35,14 +35,25 @@ def default_block_d(batch: int, width: int) -> int:
     return 16
 
 
+def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
+    """Warps and prefetch depth per kernel, from the H200 sweep in BENCHMARKS.md.
+
+    Forward: loading 4 steps ahead with 2 warps halves its time at every measured shape. Backward:
+    4 steps ahead helps when programs are few (<= 256) and costs registers, hence occupancy, when
+    there are more; 4 warps.
+    """
+    programs = batch * (-(-width // block_d))
+    return dict(fwd_warps=2, fwd_prefetch=4, bwd_warps=4, bwd_prefetch=4 if programs <= 256 else 0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _scan(u, delta, z, bt, ct, at, d, bias, h0, options):
-    y, _, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options)
+    y, _, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options.forward())
     return y, final
 
 
 def _scan_fwd(u, delta, z, bt, ct, at, d, bias, h0, options):
-    y, chunk_states, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options)
+    y, chunk_states, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options.forward())
     return (y, final), (u, delta, z, bt, ct, at, d, bias, chunk_states)
 
 
@@ -50,7 +61,7 @@ def _scan_bwd(options, residuals, cotangents):
     u, delta, z, bt, ct, at, d, bias, chunk_states = residuals
     dy, dfinal = cotangents
     du, ddelta, dz, dbt, dct, dat, dd, dbias, dh0 = kernels.backward(
-        u, delta, z, bt, ct, at, d, bias, chunk_states, dy.astype(u.dtype), dfinal.astype(F32), **options)
+        u, delta, z, bt, ct, at, d, bias, chunk_states, dy.astype(u.dtype), dfinal.astype(F32), **options.backward())
     if not options["has_z"]:
         dz = jnp.zeros_like(z)  # the kernel never wrote it
     # B, C are shared by all channels and A, D, bias by all batch elements and steps: reduce the
@@ -64,14 +75,16 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False, *, chunk_size: int = 64,
-                   block_d: int | None = None, num_warps: int = 4, interpret: bool | None = None):
+                   block_d: int | None = None, tuning: dict[str, int] | None = None,
+                   interpret: bool | None = None):
     """Fused selective scan.
 
     u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
     chunk_size: steps between saved states (backward memory batch*seq/chunk*d_inner*d_state f32).
-    block_d: channels per program (a power of two; None: see `default_block_d`); num_warps: Triton
-      warps per program.
+    block_d: channels per program (a power of two; None: see `default_block_d`).
+    tuning: overrides of `default_tuning` (fwd_warps, fwd_prefetch, bwd_warps, bwd_prefetch: Triton
+      warps per program and steps whose inputs are loaded ahead of the recurrence).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     Returns y (batch, seq, d_inner) in u's dtype, and the final float32 state if asked.
     """
@@ -103,7 +116,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     else:
         h0 = jnp.pad(jnp.swapaxes(initial_state.astype(F32), 1, 2), ((0, 0), (0, pad_n), (0, pad_d)))
     options = dict(chunk=int(min(chunk_size, seq)), block_d=block_d, softplus=bool(delta_softplus),
-                   has_z=has_z, num_warps=num_warps, interpret=bool(interpret))
+                   has_z=has_z, interpret=bool(interpret), **default_tuning(batch, width, block_d))
+    options.update(tuning or {})
     y, final = _scan(pad_channels(u), pad_channels(delta), pad_channels(z if has_z else u), state_major(B),
                      state_major(C), at, vector(D, 0.0), vector(delta_bias, 0.0), h0,
                      _Options(options))
@@ -118,3 +132,13 @@ class _Options(dict):
 
     def __hash__(self):
         return hash(tuple(sorted(self.items())))
+
+    def _for(self, prefix: str) -> dict:
+        shared = {k: v for k, v in self.items() if not k.startswith(("fwd_", "bwd_"))}
+        return dict(shared, num_warps=self[f"{prefix}_warps"], prefetch=self[f"{prefix}_prefetch"])
+
+    def forward(self) -> dict:
+        return self._for("fwd")
+
+    def backward(self) -> dict:
+        return self._for("bwd")

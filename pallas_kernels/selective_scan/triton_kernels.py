@@ -44,6 +44,25 @@ def _col(ref, t):
     return pltriton.load(ref.at[:, pl.ds(t, 1)]).astype(F32)
 
 
+def _pipelined_loop(steps, load, body, carry, depth):
+    """for j in range(steps): carry = body(j, load(j), carry), with loads issued `depth` steps early.
+
+    The recurrence serialises the steps, but their inputs do not depend on it: carrying a ring of
+    the next `depth` steps' loaded inputs lets their memory latency overlap the current step's
+    math. `load(j)` must accept any j >= 0: loads past the range are clamped by the caller and unused.
+    """
+    if depth == 0:
+        return lax.fori_loop(0, steps, lambda j, c: body(j, load(j), c), carry)
+    ring = tuple(load(i) for i in range(depth))
+
+    def step(j, state):
+        c, ring = state
+        upcoming = load(j + depth)
+        return body(j, ring[0], c), ring[1:] + (upcoming,)
+
+    return lax.fori_loop(0, steps, step, (carry, ring))[0]
+
+
 def _step_inputs(t, u_ref, delta_ref, bt_ref, ct_ref, bias, softplus):
     u = _row(u_ref, t)
     pre = _row(delta_ref, t) + bias
@@ -52,7 +71,7 @@ def _step_inputs(t, u_ref, delta_ref, bt_ref, ct_ref, bias, softplus):
 
 
 def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bias_ref, h0_ref,
-                    y_ref, chunk_states_ref, final_ref, *, seq, chunk, softplus, has_z):
+                    y_ref, chunk_states_ref, final_ref, *, seq, chunk, softplus, has_z, prefetch):
     a = pltriton.load(at_ref).astype(F32)  # (d_state, block_d)
     d_skip = pltriton.load(d_ref).astype(F32)  # (1, block_d)
     bias = pltriton.load(bias_ref).astype(F32)
@@ -61,17 +80,21 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bias
         pltriton.store(chunk_states_ref.at[c], h)  # the state entering chunk c, for the backward
         start = c * chunk
 
-        def step(t, h):
+        def load(j):
+            t = jnp.minimum(start + j, seq - 1)
             u, _, dt, b, cc = _step_inputs(t, u_ref, delta_ref, bt_ref, ct_ref, bias, softplus)
+            return u, dt, b, cc, (_row(z_ref, t) if has_z else u)
+
+        def step(j, inputs, h):
+            u, dt, b, cc, z = inputs
             h = jnp.exp(dt * a) * h + b * (dt * u)  # (d_state, block_d)
             y = jnp.sum(h * cc, axis=0, keepdims=True) + d_skip * u
             if has_z:
-                z = _row(z_ref, t)
                 y = y * z * _sigmoid(z)
-            pltriton.store(y_ref.at[pl.ds(t, 1), :], y.astype(y_ref.dtype))
+            pltriton.store(y_ref.at[pl.ds(start + j, 1), :], y.astype(y_ref.dtype))
             return h
 
-        return lax.fori_loop(start, jnp.minimum(start + chunk, seq), step, h)
+        return _pipelined_loop(jnp.minimum(chunk, seq - start), load, step, h, prefetch)
 
     num_chunks = chunk_states_ref.shape[0]
     h = lax.fori_loop(0, num_chunks, chunk_body, pltriton.load(h0_ref).astype(F32))
@@ -81,7 +104,7 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bias
 def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bias_ref, chunk_states_ref,
                      dy_ref, dfinal_ref,
                      du_ref, ddelta_ref, dz_ref, dbt_ref, dct_ref, da_ref, dd_ref, dbias_ref, dh0_ref,
-                     scratch_ref, *, seq, chunk, softplus, has_z):
+                     scratch_ref, *, seq, chunk, softplus, has_z, prefetch):
     a = pltriton.load(at_ref).astype(F32)
     d_skip = pltriton.load(d_ref).astype(F32)
     bias = pltriton.load(bias_ref).astype(F32)
@@ -93,23 +116,31 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bia
         start = c * chunk
         stop = jnp.minimum(start + chunk, seq)
 
-        def recompute(t, h):  # states h_{t-1} of this chunk into scratch (recomputed, never stored)
-            pltriton.store(scratch_ref.at[t - start], h)
+        def load_forward(j):
+            t = jnp.minimum(start + j, seq - 1)
             u, _, dt, b, _ = _step_inputs(t, u_ref, delta_ref, bt_ref, ct_ref, bias, softplus)
+            return u, dt, b
+
+        def recompute(j, inputs, h):  # states h_{t-1} of this chunk into scratch (recomputed, never stored)
+            u, dt, b = inputs
+            pltriton.store(scratch_ref.at[j], h)
             return jnp.exp(dt * a) * h + b * (dt * u)
 
-        lax.fori_loop(start, stop, recompute, pltriton.load(chunk_states_ref.at[c]))
+        _pipelined_loop(stop - start, load_forward, recompute, pltriton.load(chunk_states_ref.at[c]), prefetch)
 
-        def adjoint(j, carry):
+        def load_backward(j):
+            t = jnp.maximum(stop - 1 - j, 0)
+            u, pre, dt, b, cc = _step_inputs(t, u_ref, delta_ref, bt_ref, ct_ref, bias, softplus)
+            h_prev = pltriton.load(scratch_ref.at[jnp.maximum(t - start, 0)])
+            return u, pre, dt, b, cc, h_prev, _row(dy_ref, t), (_row(z_ref, t) if has_z else u)
+
+        def adjoint(j, inputs, carry):
             dh, da_acc, dd_acc, dbias_acc = carry
             t = stop - 1 - j
-            h_prev = pltriton.load(scratch_ref.at[t - start])
-            u, pre, dt, b, cc = _step_inputs(t, u_ref, delta_ref, bt_ref, ct_ref, bias, softplus)
+            u, pre, dt, b, cc, h_prev, dy, z = inputs
             decay = jnp.exp(dt * a)
             h = decay * h_prev + b * (dt * u)
-            dy = _row(dy_ref, t)
             if has_z:  # y = (C·h + D u) * silu(z)
-                z = _row(z_ref, t)
                 sig = _sigmoid(z)
                 y_pre = jnp.sum(h * cc, axis=0, keepdims=True) + d_skip * u
                 pltriton.store(dz_ref.at[pl.ds(t, 1), :],
@@ -129,7 +160,7 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bia
             pltriton.store(ddelta_ref.at[pl.ds(t, 1), :], d_pre.astype(ddelta_ref.dtype))
             return dh * decay, da_acc, dd_acc, dbias_acc + d_pre
 
-        return lax.fori_loop(0, stop - start, adjoint, (dh, da_acc, dd_acc, dbias_acc))
+        return _pipelined_loop(stop - start, load_backward, adjoint, (dh, da_acc, dd_acc, dbias_acc), prefetch)
 
     zeros_row = jnp.zeros(d_skip.shape, F32)
     init = (pltriton.load(dfinal_ref).astype(F32), jnp.zeros(a.shape, F32), zeros_row, zeros_row)
@@ -154,8 +185,12 @@ def _specs(batch, seq, d_state, block_d, num_chunks, chunk):
     }
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret"))
-def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, interpret):
+_STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "prefetch", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, prefetch,
+            interpret):
     """u, delta, z: (batch, seq, d) with d % block_d == 0; bt, ct: (batch, d_state, seq); at: (d_state, d);
     d, bias: (1, d); h0: (batch, d_state, d) f32. Returns y (batch, seq, d) in u's dtype, chunk states
     (batch, num_chunks, d_state, d) f32 and the final state (batch, d_state, d) f32."""
@@ -163,7 +198,8 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
     d_state = at.shape[0]
     num_chunks = pl.cdiv(seq, chunk)
     s = _specs(batch, seq, d_state, block_d, num_chunks, chunk)
-    kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z)
+    kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
+                               prefetch=prefetch)
     return pl.pallas_call(
         kernel,
         grid=(batch, width // block_d),
@@ -178,9 +214,9 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
     )(u, delta, z, bt, ct, at, d, bias, h0)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
-             num_warps, interpret):
+             num_warps, prefetch, interpret):
     """Gradients in the forward's layouts. Per-block partials (reduced by the caller): dB^T, dC^T
     (batch, d_blocks, d_state, seq); dA^T (batch, d_state, d); dD, dbias (batch, 1, d)."""
     batch, seq, width = u.shape
@@ -189,7 +225,8 @@ def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chun
     blocks = width // block_d
     s = _specs(batch, seq, d_state, block_d, num_chunks, chunk)
     vec_out = pl.BlockSpec((None, 1, block_d), lambda b, j: (b, 0, j))
-    kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z)
+    kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
+                               prefetch=prefetch)
     outs = pl.pallas_call(
         kernel,
         grid=(batch, blocks),

@@ -102,3 +102,15 @@ def test_no_state_sized_tensor_in_forward_or_backward():
     jaxpr = jax.make_jaxpr(jax.grad(lambda a: scalar_loss(fused, a, dict(chunk_size=32))))(args)
     shapes = {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")}
     assert not shapes & seq_state
+
+
+@pytest.mark.parametrize("tuning", [dict(fwd_prefetch=0, bwd_prefetch=0), dict(fwd_prefetch=1, bwd_prefetch=3),
+                                    dict(fwd_prefetch=4, bwd_prefetch=4, fwd_warps=8, bwd_warps=2)])
+def test_prefetch_depth_and_warps_do_not_change_results(tuning):
+    args = make_inputs(2, 45, 24, 16, seed=3)
+    options = dict(delta_softplus=True, implementation="reference")
+    loss_ref, grads_ref = values_and_grads(ops.selective_scan, args, options)
+    loss, grads = values_and_grads(fused, args, dict(delta_softplus=True, chunk_size=16, tuning=tuning))
+    assert_close(loss, loss_ref, 1e-5)
+    for name in args:
+        assert_close(grads[name], grads_ref[name], 2e-5, name)
