@@ -5,6 +5,8 @@ Semantics of mamba_ssm's `selective_scan_fn`, channels-last (as `samba_jax.ops.s
 y_t = C_t·h_t + D u_t; y *= silu(z). Everything from the softplus to the gate runs inside the
 kernel; the backward recomputes states from chunk-boundary states, so no (batch, seq, d_inner,
 d_state) tensor is ever allocated. On a CPU backend the same kernels run in Pallas interpret mode.
+Two interchangeable kernel modules: `triton_kernels` (GPU; the default off TPU) and `tpu_kernels`
+(Mosaic TPU; the default on TPU, or forced with backend="tpu", e.g. in interpret mode on CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selective_scan import triton_kernels as kernels
+from pallas_kernels.selective_scan import tpu_kernels, triton_kernels
 
 F32 = jnp.float32
 
@@ -48,19 +50,19 @@ def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _scan(u, delta, z, bt, ct, at, d, bias, h0, options):
-    y, _, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options.forward())
+    y, _, final = options.kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options.forward())
     return y, final
 
 
 def _scan_fwd(u, delta, z, bt, ct, at, d, bias, h0, options):
-    y, chunk_states, final = kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options.forward())
+    y, chunk_states, final = options.kernels.forward(u, delta, z, bt, ct, at, d, bias, h0, **options.forward())
     return (y, final), (u, delta, z, bt, ct, at, d, bias, chunk_states)
 
 
 def _scan_bwd(options, residuals, cotangents):
     u, delta, z, bt, ct, at, d, bias, chunk_states = residuals
     dy, dfinal = cotangents
-    du, ddelta, dz, dbt, dct, dat, dd, dbias, dh0 = kernels.backward(
+    du, ddelta, dz, dbt, dct, dat, dd, dbias, dh0 = options.kernels.backward(
         u, delta, z, bt, ct, at, d, bias, chunk_states, dy.astype(u.dtype), dfinal.astype(F32), **options.backward())
     if not options["has_z"]:
         dz = jnp.zeros_like(z)  # the kernel never wrote it
@@ -76,7 +78,7 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False, *, chunk_size: int = 64,
                    block_d: int | None = None, tuning: dict[str, int] | None = None,
-                   interpret: bool | None = None):
+                   interpret: bool | None = None, backend: str | None = None):
     """Fused selective scan.
 
     u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
@@ -86,13 +88,21 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     tuning: overrides of `default_tuning` (fwd_warps, fwd_prefetch, bwd_warps, bwd_prefetch: Triton
       warps per program and steps whose inputs are loaded ahead of the recurrence).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
+    backend: "triton" or "tpu" kernels (None: "tpu" on a TPU backend, else "triton"). On TPU, block_d
+      defaults to 128 (the lane width) and chunk_size is rounded to a legal seq tile
+      (`tpu_kernels.seq_tile`).
     Returns y (batch, seq, d_inner) in u's dtype, and the final float32 state if asked.
     """
     batch, seq, width = u.shape
     d_state = A.shape[1]
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    block_d = default_block_d(batch, width) if block_d is None else block_d
+    if backend is None:
+        backend = "tpu" if jax.default_backend() == "tpu" else "triton"
+    if backend not in ("triton", "tpu"):
+        raise ValueError(f"backend must be 'triton' or 'tpu', got {backend!r}")
+    if block_d is None:
+        block_d = 128 if backend == "tpu" else default_block_d(batch, width)
     if block_d < 1 or block_d & (block_d - 1):
         raise ValueError(f"block_d must be a power of two, got {block_d}")
     block_d = min(block_d, _next_power_of_2(width))
@@ -115,7 +125,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         h0 = jnp.zeros((batch, d_state + pad_n, width + pad_d), F32)
     else:
         h0 = jnp.pad(jnp.swapaxes(initial_state.astype(F32), 1, 2), ((0, 0), (0, pad_n), (0, pad_d)))
-    options = dict(chunk=int(min(chunk_size, seq)), block_d=block_d, softplus=bool(delta_softplus),
+    chunk = tpu_kernels.seq_tile(chunk_size, seq, interpret) if backend == "tpu" else int(min(chunk_size, seq))
+    options = dict(backend=backend, chunk=chunk, block_d=block_d, softplus=bool(delta_softplus),
                    has_z=has_z, interpret=bool(interpret), **default_tuning(batch, width, block_d))
     options.update(tuning or {})
     y, final = _scan(pad_channels(u), pad_channels(delta), pad_channels(z if has_z else u), state_major(B),
@@ -133,8 +144,12 @@ class _Options(dict):
     def __hash__(self):
         return hash(tuple(sorted(self.items())))
 
+    @property
+    def kernels(self):
+        return tpu_kernels if self["backend"] == "tpu" else triton_kernels
+
     def _for(self, prefix: str) -> dict:
-        shared = {k: v for k, v in self.items() if not k.startswith(("fwd_", "bwd_"))}
+        shared = {k: v for k, v in self.items() if k != "backend" and not k.startswith(("fwd_", "bwd_"))}
         return dict(shared, num_warps=self[f"{prefix}_warps"], prefetch=self[f"{prefix}_prefetch"])
 
     def forward(self) -> dict:
