@@ -116,8 +116,8 @@ def main():
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
 
-    print(f"\n| experiment | micro-batch x seq | params | step | tokens/s | vs PyTorch ref | TFLOP/s | MFU | "
-          f"peak mem | compile |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| experiment | micro-batch x seq | params | step | tokens/s | vs PyTorch ref | TFLOP/s | MFU | "
+          "peak mem | compile |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = PYTORCH_TOKENS_PER_SEC.get(r["experiment"])
         ratio = f"{r['tokens_per_sec'] / ref:.2f}x" if ref else "-"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 # Sublayer kinds a pattern may name.
@@ -25,6 +26,10 @@ PEAK_FLOPS = {
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field and the fix."""
+
+
+class ConfigFileError(ConfigError, FileNotFoundError):
+    """A file the config names does not exist (both a ConfigError and a FileNotFoundError)."""
 
 
 def _fail(field: str, problem: str, fix: str) -> None:
@@ -130,8 +135,16 @@ class ModelConfig:
             _fail("model.dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}", "use 1e-3 and 1e-1")
 
 
-def validate_run(config: Any, model_cfg: ModelConfig) -> None:
-    """Checks the run-level fields (batch, sequence, schedule) before anything compiles."""
+def validate_run(config: Any, model_cfg: ModelConfig, process_count: int | None = None) -> None:
+    """Checks the run-level fields (batch, sequence, schedule, files) before anything compiles.
+
+    The loop runs one device per process (the batch is split over processes, not over the devices
+    of one process), so micro_batch_size must split evenly over `process_count` (default: jax's).
+    """
+    if process_count is None:
+        import jax
+
+        process_count = jax.process_count()
     seq_len = config.data.seq_len
     if seq_len < 1:
         _fail("data.seq_len", f"must be positive, got {seq_len}", "use e.g. 4096")
@@ -143,13 +156,27 @@ def validate_run(config: Any, model_cfg: ModelConfig) -> None:
     if config.batch_size % config.micro_batch_size:
         _fail("micro_batch_size", f"{config.micro_batch_size} does not divide batch_size={config.batch_size}",
               "choose a micro_batch_size that divides batch_size (accumulation steps = batch/micro)")
+    if config.micro_batch_size % process_count:
+        _fail("micro_batch_size", f"{config.micro_batch_size} is not divisible by the process count "
+              f"{process_count} (each process takes an equal share)", f"use a multiple of {process_count}")
     if config.num_train_steps < 1:
         _fail("num_train_steps", "must be positive", "set num_train_steps >= 1")
-    for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] < 1:
             _fail(name, f"must be positive, got {config[name]}", "set it >= 1")
+    if config.eval_steps < 0:
+        _fail("eval_steps", f"must be >= 0, got {config.eval_steps}", "use e.g. 50 (0 evaluates nothing)")
+    if not config.optimizer.learning_rate >= 0:  # also catches NaN
+        _fail("optimizer.learning_rate", f"must be >= 0, got {config.optimizer.learning_rate}", "use e.g. 4e-4")
     if not 0 <= config.optimizer.warmup_fraction < 1:
         _fail("optimizer.warmup_fraction", "must be in [0, 1)", "use 0.01 (the reference's 1%)")
+    if config.max_consecutive_bad_steps < 0:
+        _fail("max_consecutive_bad_steps", f"must be >= 0, got {config.max_consecutive_bad_steps}",
+              "use e.g. 5, or 0 to skip non-finite steps without ever stopping")
+    tokenizer = config.data.tokenizer
+    if tokenizer and not os.path.isfile(tokenizer):
+        raise ConfigFileError(f"config.data.tokenizer: file {tokenizer!r} does not exist. Fix: point it at a "
+                              f"SentencePiece .model file, or set it to \"\" to train one on the default corpus.")
 
 
 def parameter_count(cfg: ModelConfig) -> dict[str, int]:

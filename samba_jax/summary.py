@@ -20,8 +20,6 @@ from ml_collections import config_flags
 from samba_jax.config import ModelConfig, flops_per_token, parameter_count
 from samba_jax.model.samba import abstract_params
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py[:variant]).")
-flags.mark_flags_as_required(["config"])
 
 
 def parameter_table(cfg: ModelConfig) -> list[tuple[str, str, int]]:
@@ -65,10 +63,12 @@ def summary_text(config: Any) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    print(summary_text(_CONFIG.value))
+def main():
+    # Flags are defined here, not at import, so `summary_text` can be imported next to other CLIs.
+    config = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py[:variant]).")
+    flags.mark_flags_as_required(["config"])
+    app.run(lambda argv: print(summary_text(config.value)))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

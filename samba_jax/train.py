@@ -3,12 +3,25 @@
 Any config field can be overridden, e.g. `--config.num_train_steps=100 --config.model.window=512`;
 variants go after a colon, `--config=experiments/samba_1b.py:seq_len=8192`. Rerunning the same
 command resumes from the newest checkpoint in the workdir.
+
+Exit codes: 0 done; 143 (128 + SIGTERM) or 130 (SIGINT) after saving on a signal or preemption
+notice, so rerunning resumes; 2 a config error (nothing ran); 3 the loss or gradients stayed
+non-finite for `max_consecutive_bad_steps` steps; 4 a damaged checkpoint with
+`checkpoint_fail_on_damage` (or every checkpoint damaged). Schedulers should retry only 143.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from samba_jax.checkpoint import DamagedCheckpointError
+from samba_jax.config import ConfigError
 from samba_jax.train_loop import train_and_evaluate
+from samba_jax.trainer import NonFiniteError
+
+# Failures that a rerun of the same command would repeat: a message, no traceback, a distinct code.
+EXIT_CODES = ((ConfigError, 2), (NonFiniteError, 3), (DamagedCheckpointError, 4))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py[:variant]).",
                                           lock_config=True)
@@ -23,7 +36,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # Orbax and grain log every save at INFO; keep the console to our own progress lines.
     logging.set_verbosity(logging.WARNING)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _STOP_AFTER.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value, _STOP_AFTER.value)
+    except tuple(kind for kind, _ in EXIT_CODES) as e:
+        code = next(code for kind, code in EXIT_CODES if isinstance(e, kind))
+        print(f"ERROR ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 Reads top to bottom like a big_vision trainer; the pieces live in small modules (`trainer`,
 `checkpoint`, `metrics`, `data`). Rerunning the same command resumes from the newest checkpoint
-in the workdir; SIGTERM or Ctrl-C finishes the current step, saves, and exits.
+in the workdir; SIGTERM, Ctrl-C or a multi-host preemption notice finishes the current step,
+saves, and exits with 128 + SIGTERM/SIGINT. Steps with a non-finite loss or gradient are skipped
+on the device (see `trainer`); a run of `max_consecutive_bad_steps` of them stops the run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -17,19 +18,20 @@ import jax
 import numpy as np
 
 from samba_jax import checkpoint, metrics
-from samba_jax.config import ModelConfig, flops_per_token, parameter_count, validate_run
+from samba_jax.config import (ConfigError, ConfigFileError, ModelConfig, flops_per_token, parameter_count,
+                              validate_run)
 from samba_jax.data import pipeline
 from samba_jax.model.samba import SambaLM
-from samba_jax.trainer import init_state, make_eval_step, make_optimizer, make_train_step
+from samba_jax.trainer import check_skips, init_state, make_eval_step, make_optimizer, make_train_step
 
 
 class StopRequested:
     """Turns SIGTERM/SIGINT into a flag checked between steps (save, then exit)."""
 
-    def __init__(self):
+    def __init__(self, sigterm: bool = True):
         self.signum = None
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if sigterm else (signal.SIGINT,):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -71,6 +73,43 @@ def evaluate(eval_step, params, make_eval_iter) -> dict[str, float]:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+def make_data(config: Any, workdir: str, model_cfg: ModelConfig):
+    """The tokenizer (trained on the default corpus on first use) and the grain iterators.
+
+    Returns (train iterator, a function making a fresh eval iterator, the eval source or "").
+    A data problem (a glob matching nothing, a tokenizer mismatch, a bad JSONL field) surfaces as
+    a ConfigError before anything compiles.
+    """
+    seq_len, pcount = config.data.seq_len, jax.process_count()
+    try:
+        tokenizer = pipeline.get_tokenizer(config.data.source, config.data.tokenizer, workdir, model_cfg.vocab_size)
+        if tokenizer.vocab_size != model_cfg.vocab_size:
+            raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} differs from the tokenizer's "
+                              f"vocabulary ({tokenizer.vocab_size}, {config.data.tokenizer or 'default'}). "
+                              f"Fix: set --config.model.vocab_size={tokenizer.vocab_size}.")
+        # make_dataset also checks that prepared (array_record) data was tokenized with this tokenizer.
+        source_options = dict(jsonl_field=config.data.jsonl_field, tfds_data_dir=config.data.tfds_data_dir or None,
+                              tfds_text_feature=config.data.tfds_text_feature)
+        train_iter = iter(pipeline.make_dataset(
+            config.data.source, tokenizer, seq_len, config.batch_size // pcount, seed=config.seed, split="train",
+            worker_count=config.data.worker_count, **source_options))
+        eval_source = config.data.eval_source or (config.data.source if config.data.source == "stdlib" else "")
+        if eval_source and eval_source != config.data.source:
+            pipeline.check_source(eval_source, tokenizer)
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise (ConfigFileError if isinstance(e, FileNotFoundError) else ConfigError)(f"config.data: {e}") from e
+
+    def make_eval_iter():
+        # Fixed batches: unshuffled, repeated so every process takes exactly eval_steps batches.
+        return iter(pipeline.make_dataset(
+            eval_source, tokenizer, seq_len, config.micro_batch_size // pcount, seed=config.seed,
+            split="validation", shuffle=False, repeat=True, max_batches=config.eval_steps, **source_options))
+
+    return train_iter, make_eval_iter, eval_source
+
+
 def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the last metrics.
 
@@ -81,28 +120,8 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     validate_run(config, model_cfg)
     seq_len, pcount = config.data.seq_len, jax.process_count()
     accum = config.batch_size // config.micro_batch_size
-    if config.micro_batch_size % pcount:
-        raise ValueError(f"config.micro_batch_size={config.micro_batch_size} must be divisible by the "
-                         f"process count {pcount}. Fix: use a multiple of {pcount}.")
 
-    # Data: a tokenizer (trained on the default corpus on first use) and grain iterators.
-    tokenizer = pipeline.get_tokenizer(config.data.source, config.data.tokenizer, workdir, model_cfg.vocab_size)
-    if tokenizer.vocab_size != model_cfg.vocab_size:
-        raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} differs from the tokenizer's "
-                         f"vocabulary ({tokenizer.vocab_size}, {config.data.tokenizer or 'default'}). "
-                         f"Fix: set --config.model.vocab_size={tokenizer.vocab_size}.")
-    local_batch = config.batch_size // pcount
-    train_iter = iter(pipeline.make_dataset(
-        config.data.source, tokenizer, seq_len, local_batch, seed=config.seed, split="train",
-        jsonl_field=config.data.jsonl_field, worker_count=config.data.worker_count))
-    eval_source = config.data.eval_source or (config.data.source if config.data.source == "stdlib" else "")
-
-    def make_eval_iter():
-        # Fixed batches: unshuffled, repeated so every process takes exactly eval_steps batches.
-        return iter(pipeline.make_dataset(
-            eval_source, tokenizer, seq_len, config.micro_batch_size // pcount, seed=config.seed,
-            split="validation", shuffle=False, repeat=True, jsonl_field=config.data.jsonl_field,
-            max_batches=config.eval_steps))
+    train_iter, make_eval_iter, eval_source = make_data(config, workdir, model_cfg)
 
     # Model, optimizer, state (restored if the workdir holds a checkpoint).
     model = SambaLM(model_cfg)
@@ -110,7 +129,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     abstract_state = jax.eval_shape(lambda: init_state(model_cfg, tx, jax.random.key(config.seed)))
     manager = checkpoint.make_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints,
                                       config.async_checkpointing)
-    restored = checkpoint.restore_latest(manager, abstract_state, train_iter)
+    restored = checkpoint.restore_latest(manager, abstract_state, train_iter, config.checkpoint_fail_on_damage)
     if restored is None:
         state, start = init_state(model_cfg, tx, jax.random.key(config.seed)), 0
     else:
@@ -128,12 +147,15 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
                 f"{jax.device_count()} x {jax.devices()[0].device_kind}; batch {config.batch_size} x {seq_len} "
                 f"in {accum} micro-batches of {config.micro_batch_size}.")
 
-    train_step, eval_step = make_train_step(model, tx, schedule), make_eval_step(model)
+    train_step = make_train_step(model, tx, schedule, max_consecutive_bad=config.max_consecutive_bad_steps)
+    eval_step = make_eval_step(model)
     writer = metrics.MetricWriter(workdir)
     throughput = metrics.Throughput(config.batch_size * seq_len, flops["train"], config.num_train_steps)
-    stop = StopRequested()
+    # Multi-host: SIGTERM is left to JAX's preemption service, which `reached_preemption` turns into
+    # one agreed step on every host; a handler of ours would shadow it.
+    stop = StopRequested(sigterm=pcount == 1)
     last: dict[str, float] = {}
-    step = start
+    step, preempted = start, False
     if start == 0 and eval_source:  # the loss before training, so the first curve point is the init
         ev = evaluate(eval_step, state["params"], make_eval_iter)
         metrics.log(f"step 0 eval_loss {ev['eval_loss']:.4f} perplexity {ev['eval_perplexity']:.2f}")
@@ -145,15 +167,23 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
                 state, step_metrics = train_step(state, tokens)
             step += 1
             throughput.tick()
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+            preempted = preempted or manager.reached_preemption(step)  # every step, as orbax requires
+            stopping = (stop.signum is not None or preempted or step == config.num_train_steps
+                        or step - start == stop_after_steps)
+            saving = stopping or step % config.checkpoint_every_steps == 0
+            if step % config.log_every_steps == 0 or stopping:
                 record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"Loss became {record['loss']} at step {step}; the last checkpoint "
-                                             f"is step {manager.latest_step()}. Lower the learning rate.")
+                check_skips(record, step, config.max_consecutive_bad_steps, checkpoint.describe_latest(manager))
+                for key in ("consecutive_skipped", "skip_run_start"):  # kept for the check, not the curves
+                    record.pop(key)
                 record.update(throughput.report(step))
-                metrics.log(metrics.format_line(step, config.num_train_steps, record))
+                skipped_note = f" skipped_steps {int(record['skipped_steps'])}" if record["skipped_steps"] else ""
+                metrics.log(metrics.format_line(step, config.num_train_steps, record) + skipped_note)
                 writer.write(step, record)
                 last = record
+            elif saving:  # never save a state whose skip run already reached the limit
+                counters = {k: float(step_metrics[k]) for k in ("consecutive_skipped", "skip_run_start")}
+                check_skips(counters, step, config.max_consecutive_bad_steps, checkpoint.describe_latest(manager))
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
                 with throughput.pause():
                     if eval_source:
@@ -163,17 +193,19 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
                                         f"perplexity {ev['eval_perplexity']:.2f}")
                             writer.write(step, ev)
                             last.update(ev)
-            with throughput.pause():
-                last_of_run = step == config.num_train_steps or step - start == stop_after_steps
-                checkpoint.save(manager, step, state, train_iter, force=stop.signum is not None or last_of_run)
-            if stop.signum is not None or step - start == stop_after_steps:
+            if saving:
+                with throughput.pause():
+                    checkpoint.save(manager, step, state, train_iter, force=stopping)
+            if stopping:
                 break
     finally:
         stop.restore()
         manager.wait_until_finished()
         manager.close()
         writer.close()
-    if stop.signum is not None:
-        metrics.log(f"Saved step {step} after signal {stop.signum}; rerun the same command to resume.")
-        raise SystemExit(128 + stop.signum)
+    if stop.signum is not None or preempted:
+        signum = stop.signum or signal.SIGTERM
+        metrics.log(f"Saved step {step} after {'signal ' + str(signum) if stop.signum else 'a preemption notice'}; "
+                    f"rerun the same command to resume.")
+        raise SystemExit(128 + signum)
     return last

@@ -1,13 +1,16 @@
 """Train state, optimizer, the jit-compiled train and eval steps.
 
-The state is a plain pytree `{"step", "params", "opt_state"}`; `train_step` is a pure function
-of (state, tokens) with gradient accumulation as a `lax.scan` over micro-batches, so the global
-batch of the recipe (512 x 4096 tokens) holds on any number of devices. The loop that drives
-these lives in `samba_jax/train_loop.py`.
+The state is a plain pytree `{"step", "params", "opt_state", "skips"}`; `train_step` is a pure
+function of (state, tokens) with gradient accumulation as a `lax.scan` over micro-batches, so the
+global batch of the recipe (512 x 4096 tokens) holds on any number of devices. A step whose loss or
+gradient norm is not finite leaves params and optimizer state untouched and is counted in
+`state["skips"]` on the device, so the loop learns of it without a host sync every step. The loop
+that drives these lives in `samba_jax/train_loop.py`.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -38,10 +41,17 @@ def make_optimizer(opt: Any, num_steps: int) -> tuple[optax.GradientTransformati
     return tx, schedule
 
 
+def init_skips() -> dict[str, jax.Array]:
+    """Counters of skipped (non-finite) steps: the current run, the step it started at, the total."""
+    # Three distinct buffers: the state is donated, and one buffer may not be donated twice.
+    return {name: jnp.zeros((), jnp.int32) for name in ("consecutive", "run_start", "total")}
+
+
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> State:
-    """Float32 parameters (reference init) and fresh optimizer state."""
+    """Float32 parameters (reference init), fresh optimizer state and zeroed skip counters."""
     params = nn.unbox(SambaLM(model_cfg).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "skips": init_skips()}
 
 
 def next_token_loss(model: SambaLM, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -51,12 +61,36 @@ def next_token_loss(model: SambaLM, params: Any, tokens: jax.Array) -> tuple[jax
     return losses.sum(), jnp.asarray(losses.size, jnp.float32)
 
 
-def make_train_step(model: SambaLM, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    ) -> Callable[[State, jax.Array], tuple[State, dict[str, jax.Array]]]:
-    """Returns the jitted step. tokens: (accum_steps, micro_batch, seq + 1); the state is donated."""
+def update_skips(skips: dict[str, jax.Array], skipped: jax.Array, step: jax.Array,
+                 max_consecutive: int) -> dict[str, jax.Array]:
+    """Advances the skip counters by one step (`skipped`: bool scalar; `step`: its logged number).
 
+    Once a run of skipped steps reaches `max_consecutive` (> 0) the counters freeze, so the loop,
+    which only looks every few steps, still sees the run (and where it started) even if good steps
+    followed it.
+    """
+    tripped = (skips["consecutive"] >= max_consecutive) if max_consecutive > 0 else jnp.bool_(False)
+    skipped_i = skipped.astype(jnp.int32)
+    new = {
+        "consecutive": jnp.where(skipped, skips["consecutive"] + 1, 0),
+        "run_start": jnp.where(skipped & (skips["consecutive"] == 0), step, skips["run_start"]),
+        "total": skips["total"] + skipped_i,
+    }
+    return jax.tree.map(lambda old, upd: jnp.where(tripped, old, upd), skips, new)
+
+
+def make_train_step(model: SambaLM, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_fn: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+                    max_consecutive_bad: int = 0,
+                    ) -> Callable[[State, jax.Array], tuple[State, dict[str, jax.Array]]]:
+    """Returns the jitted step. tokens: (accum_steps, micro_batch, seq + 1); the state is donated.
+
+    loss_fn: (params, tokens (batch, seq + 1)) -> (summed loss, token count); defaults to the
+    next-token cross-entropy of `model` (tests pass one that goes NaN on purpose).
+    max_consecutive_bad: the skip-run length at which `state["skips"]` freezes (0: never).
+    """
     def mean_loss(params, tokens):
-        total, count = next_token_loss(model, params, tokens)
+        total, count = (loss_fn or partial(next_token_loss, model))(params, tokens)
         return total / count
 
     def train_step(state: State, tokens: jax.Array):
@@ -75,10 +109,20 @@ def make_train_step(model: SambaLM, tx: optax.GradientTransformation, schedule: 
             # Micro-batches are equal-sized, so the mean of means is the global token mean.
             loss = loss_sum / tokens.shape[0]
             grads = jax.tree.map(lambda g: g / tokens.shape[0], grad_sum)
+        grad_norm = optax.tree.norm(grads)
+        # One NaN/Inf anywhere makes the global norm non-finite, so this scalar test covers every leaf.
+        skipped = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        new_params = optax.apply_updates(params, updates)
+        def keep(old, new):  # a select, not arithmetic, so NaN in the rejected update cannot leak
+            return jnp.where(skipped, old, new)
+
+        skips = update_skips(state["skips"], skipped, state["step"] + 1, max_consecutive_bad)
+        new_state = {"step": state["step"] + 1, "params": jax.tree.map(keep, params, new_params),
+                     "opt_state": jax.tree.map(keep, state["opt_state"], opt_state), "skips": skips}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "skipped": skipped.astype(jnp.int32), "skipped_steps": skips["total"],
+                   "consecutive_skipped": skips["consecutive"], "skip_run_start": skips["run_start"]}
         return new_state, metrics
 
     return jax.jit(train_step, donate_argnums=0)
@@ -87,3 +131,21 @@ def make_train_step(model: SambaLM, tx: optax.GradientTransformation, schedule: 
 def make_eval_step(model: SambaLM) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
     """Returns jitted (params, tokens (batch, seq + 1)) -> (summed loss, token count)."""
     return jax.jit(lambda params, tokens: next_token_loss(model, params, tokens))
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stops."""
+
+
+def check_skips(fetched: dict[str, float], step: int, limit: int, last_checkpoint: str) -> None:
+    """Raises NonFiniteError if the device-side skip counters (fetched metrics) reached `limit` (> 0)."""
+    if limit <= 0 or fetched["consecutive_skipped"] < limit:
+        return
+    first = int(fetched["skip_run_start"])
+    raise NonFiniteError(
+        f"Steps {first}..{first + limit - 1}: {limit} consecutive steps had a non-finite loss or gradient "
+        f"norm and were skipped (max_consecutive_bad_steps={limit}); stopped at step {step}. The last good "
+        f"checkpoint is {last_checkpoint}; rerunning resumes from it. Likely fixes: lower "
+        f"--config.optimizer.learning_rate or lengthen warmup_fraction; use "
+        f"--config.model.compute_dtype=float32 if bfloat16 overflows; check the data around those steps; "
+        f"--config.max_consecutive_bad_steps=0 only skips and never stops.")

@@ -81,3 +81,57 @@ def test_reference_token_budgets_and_runlocal_variant():
     assert load_experiment("samba_1b").num_train_steps == 47684  # 100B tokens
     local = load_experiment("samba_1b", "runlocal")
     assert (local.batch_size, local.num_train_steps) == (2, 4) and local.model.d_model == 2304
+
+
+def _valid_run_config():
+    c = base_config()
+    c.model.update(BASE)
+    c.data.seq_len, c.batch_size, c.micro_batch_size = 64, 8, 4
+    return c
+
+
+# Each bad config (dotted field -> value) and the start of its message; all are caught before compiling.
+BAD_RUN_CONFIGS = [
+    ({"model.num_heads": 3, "model.head_dim": 16}, r"config\.model\.num_kv_heads: 4 does not divide num_heads=3"),
+    ({"model.head_dim": 32}, r"config\.model\.head_dim: num_heads\*head_dim = 128 differs from d_model=64"),
+    ({"model.window": 0}, r"config\.model\.window: must be >= 1"),
+    ({"model.window": 128}, r"config\.model\.window: 128 is longer than data\.seq_len=64"),
+    ({"data.seq_len": 0}, r"config\.data\.seq_len: must be positive, got 0"),
+    ({"batch_size": 10}, r"config\.micro_batch_size: 4 does not divide batch_size=10"),
+    ({"micro_batch_size": 0}, r"config\.batch_size: batch sizes must be positive"),
+    ({"num_train_steps": 0}, r"config\.num_train_steps: must be positive"),
+    ({"log_every_steps": 0}, r"config\.log_every_steps: must be positive, got 0"),
+    ({"eval_every_steps": -1}, r"config\.eval_every_steps: must be positive, got -1"),
+    ({"checkpoint_every_steps": 0}, r"config\.checkpoint_every_steps: must be positive, got 0"),
+    ({"keep_checkpoints": 0}, r"config\.keep_checkpoints: must be positive, got 0"),
+    ({"eval_steps": -2}, r"config\.eval_steps: must be >= 0, got -2"),
+    ({"optimizer.learning_rate": -1e-3}, r"config\.optimizer\.learning_rate: must be >= 0, got -0\.001"),
+    ({"optimizer.learning_rate": float("nan")}, r"config\.optimizer\.learning_rate: must be >= 0, got nan"),
+    ({"optimizer.warmup_fraction": 1.0}, r"config\.optimizer\.warmup_fraction: must be in \[0, 1\)"),
+    ({"max_consecutive_bad_steps": -1}, r"config\.max_consecutive_bad_steps: must be >= 0, got -1"),
+    ({"data.tokenizer": "/nonexistent/sp.model"}, r"config\.data\.tokenizer: file '/nonexistent/sp\.model' does not exist"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_RUN_CONFIGS, ids=[next(iter(o)) for o, _ in BAD_RUN_CONFIGS])
+def test_bad_run_configs_name_the_field_and_the_fix(overrides, message):
+    c = _valid_run_config()
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    with pytest.raises(ConfigError, match=message + r".*Fix: "):
+        validate_run(c, ModelConfig.from_config(c.model))
+
+
+def test_micro_batch_must_split_over_processes_and_missing_files_are_file_errors():
+    c = _valid_run_config()
+    cfg = ModelConfig.from_config(c.model)
+    validate_run(c, cfg, process_count=4)
+    with pytest.raises(ConfigError, match=r"config\.micro_batch_size: 4 is not divisible by the process count 3"):
+        validate_run(c, cfg, process_count=3)
+    c.data.tokenizer = "/nonexistent/sp.model"
+    with pytest.raises(FileNotFoundError):  # also a FileNotFoundError, for callers that catch those
+        validate_run(c, cfg)

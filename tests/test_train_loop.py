@@ -1,4 +1,4 @@
-"""End-to-end runs of the training loop on the default corpus: loss falls, resume is exact, signals save."""
+"""End-to-end runs of the loop: loss falls, resume is exact, signals and preemption save, faults stop cleanly."""
 
 import json
 import os
@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from samba_jax.configs.base import load_experiment
@@ -96,20 +98,45 @@ def test_missing_tokenizer_file_is_named(tmp_path):
         train_and_evaluate(c, str(tmp_path / "run"))
 
 
-def test_cli_saves_on_sigterm_and_exits_143(tokenizer_path, tmp_path):
-    workdir = str(tmp_path / "run")
-    overrides = [f"--config.{k}={v}" for k, v in {**TINY_OVERRIDES, "num_train_steps": 100_000,
-                                                   "checkpoint_every_steps": 1000}.items()]
-    cmd = [sys.executable, "-m", "samba_jax.train", f"--config={ROOT}/experiments/tiny.py", f"--workdir={workdir}",
-           f"--config.data.tokenizer={tokenizer_path}", *overrides]
+def cli(workdir, tokenizer_path, **overrides):
+    """The training command line for the tiny config (for subprocess tests)."""
+    values = {**TINY_OVERRIDES, "data.tokenizer": tokenizer_path, **overrides}
+    return [sys.executable, "-m", "samba_jax.train", f"--config={ROOT}/experiments/tiny.py", f"--workdir={workdir}",
+            *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def start_and_wait_for_a_step(cmd, workdir):
+    """Starts `cmd`; returns the process once it has logged a training step."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(metrics_path) and any('"loss"' in line for line in open(metrics_path)):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
+    return proc
+
+
+def losses_by_step(records):
+    """{step: loss}; a step logged twice (around a signal) must have logged the same value."""
+    out = {}
+    for r in records:
+        if "loss" in r:
+            assert out.setdefault(r["step"], r["loss"]) == r["loss"], r
+    return out
+
+
+def reference_losses(tokenizer_path, workdir, num_train_steps, steps):
+    """Losses of steps 1..steps of an uninterrupted in-process run of `num_train_steps` (schedule length)."""
+    train_and_evaluate(tiny_config(tokenizer_path, num_train_steps), workdir, stop_after_steps=steps)
+    return losses_by_step(read_metrics(workdir))
+
+
+def test_cli_sigterm_saves_exits_143_and_resumes_with_identical_losses(tokenizer_path, tmp_path):
+    workdir, total = str(tmp_path / "run"), 2000  # long enough that the signal lands mid-run
+    cmd = cli(workdir, tokenizer_path, num_train_steps=total, checkpoint_every_steps=1000)
+    proc = start_and_wait_for_a_step(cmd, workdir)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
@@ -117,6 +144,48 @@ def test_cli_saves_on_sigterm_and_exits_143(tokenizer_path, tmp_path):
     saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
     assert saved and max(saved) >= last_step  # the step in flight when the signal came is saved too
     assert "rerun the same command to resume" in output
+
+    resumed = subprocess.run(cmd + ["--stop_after_steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = losses_by_step(read_metrics(workdir))
+    assert sorted(got) == list(range(1, max(saved) + 4))  # every step once, 3 past the signal
+    assert got == reference_losses(tokenizer_path, str(tmp_path / "reference"), total, max(saved) + 3)
+
+
+def test_nonfinite_steps_are_skipped_and_a_run_of_them_stops_training(tokenizer_path, tmp_path, monkeypatch):
+    from samba_jax import train_loop, trainer
+
+    bad_steps = {2, 5, 6, 7}  # a lone bad step, then a run of 3 (= the limit) followed by good steps
+
+    def poisoned_train_step(model, tx, schedule, **kwargs):
+        def loss_fn(params, tokens):  # NaN loss and gradients for batches with a negative token
+            total, count = trainer.next_token_loss(model, params, jnp.maximum(tokens, 0))
+            return total * jnp.where(jnp.any(tokens < 0), jnp.nan, 1.0), count
+
+        step_fn = trainer.make_train_step(model, tx, schedule, loss_fn=loss_fn, **kwargs)
+        calls = iter(range(1, 10**6))
+
+        def run(state, tokens):
+            return step_fn(state, np.negative(tokens) - 1 if next(calls) in bad_steps else tokens)
+
+        return run
+
+    monkeypatch.setattr(train_loop, "make_train_step", poisoned_train_step)
+    c = tiny_config(tokenizer_path, 20)
+    c.log_every_steps, c.checkpoint_every_steps, c.max_consecutive_bad_steps = 4, 3, 3
+    with pytest.raises(trainer.NonFiniteError, match=r"Steps 5\.\.7: 3 consecutive .* stopped at step 8\. "
+                       r"The last good checkpoint is .*checkpoints/6 \(step 6\)"):
+        train_and_evaluate(c, str(tmp_path))
+    records = {r["step"]: r for r in read_metrics(str(tmp_path)) if "loss" in r}
+    assert sorted(records) == [4]  # the abort comes at the log point of step 8, before writing it
+    assert records[4]["skipped_steps"] == 1 and records[4]["skipped"] == 0
+
+    # Skipping alone (limit 0): the run finishes, the bad steps are logged as skipped.
+    c.log_every_steps, c.max_consecutive_bad_steps, c.num_train_steps = 1, 0, 9
+    train_and_evaluate(c, str(tmp_path / "skip_only"))
+    records = {r["step"]: r for r in read_metrics(str(tmp_path / "skip_only")) if "loss" in r}
+    assert [s for s, r in records.items() if r["skipped"]] == sorted(bad_steps)
+    assert records[9]["skipped_steps"] == 4 and np.isfinite(records[9]["loss"])
 
 
 def test_resuming_with_a_different_model_names_the_fix(uninterrupted_run, tokenizer_path, tmp_path):
@@ -128,3 +197,59 @@ def test_resuming_with_a_different_model_names_the_fix(uninterrupted_run, tokeni
     c.model.d_model, c.model.num_heads = 64, 4
     with pytest.raises(ValueError, match="does not fit this config's model.*new --workdir"):
         train_and_evaluate(c, workdir)
+
+
+def test_data_source_matching_nothing_is_named_before_compiling(tokenizer_path, tmp_path, monkeypatch):
+    from samba_jax import train_loop
+
+    monkeypatch.setattr(train_loop, "init_state", lambda *a: pytest.fail("reached model init"))
+    c = tiny_config(tokenizer_path, 2)
+    c.data.source = f"text:{tmp_path}/nothing_here/*.txt"
+    with pytest.raises((ValueError, FileNotFoundError), match="nothing_here"):
+        train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_cli_config_error_exits_2_with_the_message_and_no_traceback(tokenizer_path, tmp_path):
+    cmd = cli(str(tmp_path / "run"), tokenizer_path, max_consecutive_bad_steps=-1)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "config.max_consecutive_bad_steps: must be >= 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("error,code", [("NonFiniteError", 3), ("DamagedCheckpointError", 4), ("ConfigError", 2)])
+def test_cli_exit_codes_tell_schedulers_not_to_retry(error, code, monkeypatch, capsys):
+    import types
+
+    from samba_jax import checkpoint, config, train, trainer
+
+    kind = {"NonFiniteError": trainer, "DamagedCheckpointError": checkpoint, "ConfigError": config}[error]
+
+    def failing(*args):
+        raise getattr(kind, error)("the reason")
+
+    for name in ("_CONFIG", "_WORKDIR", "_STOP_AFTER"):
+        monkeypatch.setattr(train, name, types.SimpleNamespace(value=None))
+    monkeypatch.setattr(train, "train_and_evaluate", failing)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["train"])
+    assert exit_info.value.code == code
+    assert f"ERROR ({error}): the reason" in capsys.readouterr().err
+
+
+def test_preemption_notice_saves_and_exits_like_sigterm(tokenizer_path, tmp_path, monkeypatch):
+    from samba_jax import checkpoint
+
+    original = checkpoint.make_manager
+
+    def make_manager(*args, **kwargs):  # multi-host JAX would agree on step 3 after a host's SIGTERM
+        manager = original(*args, **kwargs)
+        monkeypatch.setattr(manager, "reached_preemption", lambda step: step == 3)
+        return manager
+
+    monkeypatch.setattr(checkpoint, "make_manager", make_manager)
+    with pytest.raises(SystemExit) as exit_info:
+        train_and_evaluate(tiny_config(tokenizer_path, 12), str(tmp_path))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["3"]
+    assert max(r["step"] for r in read_metrics(str(tmp_path))) == 3

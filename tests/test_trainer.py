@@ -1,4 +1,4 @@
-"""Train step: gradient accumulation, the reference's optimizer recipe, loss falling."""
+"""Train step: gradient accumulation, the optimizer recipe, loss falling, non-finite steps skipped."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,16 @@ import pytest
 from samba_jax.config import ModelConfig
 from samba_jax.configs.base import base_config
 from samba_jax.model.samba import SambaLM
-from samba_jax.trainer import init_state, make_optimizer, make_train_step
+from samba_jax.trainer import (
+    NonFiniteError,
+    check_skips,
+    init_skips,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    next_token_loss,
+    update_skips,
+)
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_repeats=1, num_heads=2, num_kv_heads=1, head_dim=16,
                   window=6, mlp_hidden=48, ssm_state=4, scan_chunk=8)
@@ -76,3 +85,71 @@ def test_config_override_fields_exist():
         assert name in c
     assert c.seed == 3407 and c.batch_size * c.data.seq_len == 512 * 4096
     assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay) == (0.9, 0.95, 0.1)
+
+
+def _nan_if_negative(model):
+    """A loss that is NaN (value and gradients) for batches holding a negative token: a fault on demand."""
+    def loss_fn(params, tokens):
+        total, count = next_token_loss(model, params, jnp.maximum(tokens, 0))
+        return total * jnp.where(jnp.any(tokens < 0), jnp.nan, 1.0), count
+    return loss_fn
+
+
+def test_nonfinite_steps_leave_params_and_optimizer_state_bit_identical():
+    tx, schedule = _optimizer()
+    model = SambaLM(CFG)
+    step = make_train_step(model, tx, schedule, loss_fn=_nan_if_negative(model))
+    state = init_state(CFG, tx, jax.random.key(0))
+    good = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 2, 17)).astype(np.int32)
+    bad = good.copy()
+    bad[1, 0, 3] = -1  # one micro-batch of the accumulation goes bad
+    state, m = step(state, good)
+    assert int(m["skipped"]) == 0
+    before = jax.tree.map(np.asarray, state)
+    skipped_flags = []
+    for _ in range(2):
+        state, m = step(state, bad)
+        skipped_flags.append(int(m["skipped"]))
+    assert skipped_flags == [1, 1] and not np.isfinite(float(m["loss"]))
+    after = jax.tree.map(np.asarray, state)
+    for key in ("params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, before[key], after[key])  # bitwise, NaN-free
+    assert int(after["step"]) == 3  # the step counter (hence the data stream) moves on
+    assert {k: int(v) for k, v in after["skips"].items()} == {"consecutive": 2, "run_start": 2, "total": 2}
+    state, m = step(state, good)  # training continues after the bad steps
+    assert int(m["skipped"]) == 0 and int(m["consecutive_skipped"]) == 0 and int(m["skipped_steps"]) == 2
+    assert not np.array_equal(np.asarray(state["params"]["embed"]["embedding"]),
+                              before["params"]["embed"]["embedding"])
+
+
+def test_finite_loss_with_nonfinite_gradient_is_skipped():
+    tx, schedule = _optimizer()
+    model = SambaLM(CFG)
+
+    def loss_fn(params, tokens):  # value unchanged, gradient of sqrt at 0 is infinite
+        total, count = next_token_loss(model, params, tokens)
+        w = params["embed"]["embedding"][0, 0]
+        return total + jnp.sqrt(jnp.abs(w - jax.lax.stop_gradient(w))), count
+
+    step = make_train_step(model, tx, schedule, loss_fn=loss_fn)
+    state = init_state(CFG, tx, jax.random.key(0))
+    before = np.asarray(state["params"]["embed"]["embedding"])
+    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (1, 2, 17)).astype(np.int32)
+    state, m = step(state, tokens)
+    assert np.isfinite(float(m["loss"])) and not np.isfinite(float(m["grad_norm"]))
+    assert int(m["skipped"]) == 1
+    np.testing.assert_array_equal(before, np.asarray(state["params"]["embed"]["embedding"]))
+
+
+def test_skip_counters_freeze_once_the_limit_is_reached_and_the_check_names_the_run():
+    skips = init_skips()
+    for n, bad in enumerate([True, False, True, True, True, False, False], start=1):
+        skips = update_skips(skips, jnp.bool_(bad), jnp.int32(n), max_consecutive=3)
+    # Steps 3, 4, 5 tripped the limit; the good steps 6 and 7 after it do not hide the run.
+    assert {k: int(v) for k, v in skips.items()} == {"consecutive": 3, "run_start": 3, "total": 4}
+    fetched = {"consecutive_skipped": 3.0, "skip_run_start": 3.0}
+    with pytest.raises(NonFiniteError, match=r"Steps 3\.\.5: 3 consecutive .* stopped at step 7\. The last good "
+                                             r"checkpoint is /ckpt/2 \(step 2\).*learning_rate"):
+        check_skips(fetched, 7, 3, "/ckpt/2 (step 2)")
+    check_skips(fetched, 7, 0, "")  # 0 disables the stop
+    check_skips(fetched, 7, 4, "")

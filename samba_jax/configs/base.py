@@ -64,13 +64,17 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        # "stdlib" (offline default corpus), "text:GLOB" or "jsonl:GLOB".
+        # "stdlib" (offline default corpus), "text:GLOB", "jsonl:GLOB", "array_record:DIR" (written by
+        # `python -m samba_jax.data.prepare`), "tfds:NAME[/CONFIG][:SPLIT]" or a token-weighted mixture
+        # "mix:0.7*jsonl:/a/*.jsonl,0.3*array_record:/b" (see samba_jax/data/sources.py).
         source="stdlib",
         # Validation documents: "" = the default corpus's validation split for "stdlib", else none.
         eval_source="",
         tokenizer="",  # SentencePiece .model; "" trains one on the default corpus (stdlib only)
         seq_len=4096,
         jsonl_field="text",
+        tfds_data_dir="",  # TFDS data_dir of "tfds:" sources; "" = TFDS's default (~/tensorflow_datasets)
+        tfds_text_feature="text",  # the text feature of "tfds:" examples
         worker_count=0,
     ))
 
@@ -94,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpointing = True
+    c.checkpoint_fail_on_damage = False  # False: warn, set a damaged checkpoint aside, resume from the previous one
+    c.max_consecutive_bad_steps = 5  # non-finite steps are skipped; this many in a row stop the run (0: never)
     c.seed = 3407
     return c
 

@@ -1,13 +1,19 @@
 """The grain input pipeline for pretraining and evaluation.
 
-    documents (MapDataset, sources.py)
+    per source (one, or each component of a "mix:" source):
+      documents (MapDataset, sources.py)
       -> shuffle(seed)              one global permutation of documents
       -> repeat()                   reshuffled every epoch (grain folds the epoch
                                     into the shuffle seed)
       -> [process_index::process_count]   this JAX process's documents
-      -> map(tokenize + EOS)        int32 (doc_len,) per document
+      -> filter(non-empty) + map(tokenize + EOS)   int32 (doc_len,) per document;
+                                    "array_record" documents are already tokenized
       -> to_iter_dataset(ReadOptions)
       -> pack_documents(seq_len + 1)      back to back, no resets, tail dropped
+    -> IterDataset.mix(weights)     "mix:" only: rows interleaved in the weight
+                                    proportions (deterministic, no randomness), so
+                                    weights are fractions of tokens; component k
+                                    shuffles with seed + k
       -> batch(batch_size, drop_remainder=True)
       -> {"tokens": (batch_size, seq_len + 1) int32}
       -> mp_prefetch(worker_count)  only when worker_count > 0
@@ -25,6 +31,8 @@ The iterator of the returned dataset is a `grain.DatasetIterator`: its
 `grain.checkpoint.CheckpointSave/CheckpointRestore` (orbax) work on it. Restore
 into an iterator built with the same arguments (and the same process count and
 worker count); the batches after a restore equal the uninterrupted ones.
+
+A mixture ends (repeat=False) when its first component runs out.
 """
 
 from __future__ import annotations
@@ -51,6 +59,14 @@ class TokenizeWithEos:
         return np.asarray(ids, dtype=np.int32)
 
 
+def _as_int32(tokens: np.ndarray) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int32)
+
+
+def _is_nonempty(text: str) -> bool:
+    return bool(text.strip())
+
+
 def _as_batch_dict(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {"tokens": rows}
 
@@ -70,12 +86,15 @@ def make_dataset(
     worker_count: int = 0,
     read_threads: int = 2,
     jsonl_field: str = "text",
+    tfds_data_dir: str | None = None,
+    tfds_text_feature: str = "text",
     max_batches: int | None = None,
 ) -> grain.IterDataset:
     """Builds the packed-token dataset of one JAX process.
 
     Args:
-        source: "stdlib", "text:<glob>" or "jsonl:<glob>" (see sources.py).
+        source: "stdlib", "text:<glob>", "jsonl:<glob>", "array_record:<dir>",
+            "tfds:<name>[/<config>][:<split>]" or "mix:<w>*<spec>,..." (see sources.py).
         tokenizer: Encodes documents; its `eos_id` ends every document.
         seq_len: Model sequence length; rows have `seq_len + 1` tokens.
         batch_size: Rows per batch on this process (global batch / process count).
@@ -93,6 +112,8 @@ def make_dataset(
             overlap tokenization with the train step; SentencePiece holds the GIL,
             so more threads do not tokenize faster (worker_count does).
         jsonl_field: Text field of "jsonl:" records.
+        tfds_data_dir: TFDS data_dir of "tfds:" sources (None: TFDS's default).
+        tfds_text_feature: Text feature of "tfds:" examples.
         max_batches: Stop after this many batches (evaluation). In a multi-process
             evaluation, choose it at most the smallest per-process batch count (or
             use repeat=True with shuffle=False), so that all processes take the same
@@ -111,20 +132,34 @@ def make_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"Bad process {process_index=} of {process_count=}.")
 
-    documents = sources.make_document_source(source, split, jsonl_field)
-    ds = grain.MapDataset.source(documents)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat()
-    # Sharding after shuffle+repeat: processes take interleaved documents of one
-    # global order, so within an epoch their documents are disjoint.
-    ds = ds[process_index::process_count]
-    ds = ds.map(TokenizeWithEos(tokenizer))
-    ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)
-    )
-    ds = packing.pack_documents(ds, seq_len + 1)
+    components = sources.parse_mixture(source)
+    rows = []
+    for k, (_, spec) in enumerate(components):
+        documents = sources.make_document_source(
+            spec, split, jsonl_field, tfds_data_dir=tfds_data_dir,
+            tfds_text_feature=tfds_text_feature)
+        if getattr(documents, "tokenized", False):
+            _check_documents(spec, documents, tokenizer)
+        ds = grain.MapDataset.source(documents)
+        if shuffle:
+            # Distinct seeds keep equal-sized components from sharing a permutation.
+            ds = ds.shuffle(seed=(seed + k) % 2**32)
+        if repeat:
+            ds = ds.repeat()
+        # Sharding after shuffle+repeat: processes take interleaved documents of one
+        # global order, so within an epoch their documents are disjoint.
+        ds = ds[process_index::process_count]
+        if getattr(documents, "tokenized", False):
+            ds = ds.map(_as_int32)
+        else:
+            ds = ds.filter(_is_nonempty).map(TokenizeWithEos(tokenizer))
+        ds = ds.to_iter_dataset(
+            grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64))
+        rows.append(packing.pack_documents(ds, seq_len + 1))
+    if len(rows) == 1:
+        ds = rows[0]
+    else:
+        ds = grain.IterDataset.mix(rows, [w for w, _ in components])
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = ds.map(_as_batch_dict)
     if worker_count > 0:
@@ -165,3 +200,33 @@ def get_tokenizer(
         " `.model` path (the default stdlib tokenizer is only trained for the"
         " 'stdlib' source)."
     )
+
+
+def _check_documents(spec: str, documents: sources.TokenizedRecordsSource,
+                     tokenizer: tokenizer_lib.Tokenizer) -> None:
+    recorded = documents.manifest["tokenizer"]
+    if recorded["sha256"] != tokenizer.sha256():
+        manifest = f"{documents.directory.rstrip('/')}/{sources.MANIFEST_NAME}"
+        raise ValueError(
+            f"Data source {spec!r} was tokenized with another tokenizer: {manifest} records"
+            f" {recorded['path']} (sha256 {recorded['sha256'][:12]}..., vocab"
+            f" {recorded['vocab_size']}), but config.data.tokenizer is"
+            f" {tokenizer.model_path!r} (sha256 {tokenizer.sha256()[:12]}...). Fix: set"
+            f" --config.data.tokenizer={recorded['path']}, or re-run samba_jax.data.prepare"
+            " with the tokenizer you want.")
+
+
+def check_source(source: str, tokenizer: str | tokenizer_lib.Tokenizer) -> None:
+    """Raises ValueError if an "array_record:" part of `source` used another tokenizer.
+
+    Args:
+        source: A source spec (mixtures are checked component by component).
+        tokenizer: The tokenizer in use, or the path of its `.model` file. Identity
+            is the SHA-256 of its serialized model proto, as prepare.py records it.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = tokenizer_lib.Tokenizer(tokenizer)
+    for _, spec in sources.parse_mixture(source):
+        kind, _, directory = spec.partition(":")
+        if kind == "array_record" and directory:
+            _check_documents(spec, sources.TokenizedRecordsSource(directory), tokenizer)

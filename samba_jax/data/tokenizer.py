@@ -17,6 +17,7 @@ whitespace is kept verbatim, so `decode(encode(text)) == text` for code too.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -74,6 +75,10 @@ class Tokenizer:
 
     def serialized_proto(self) -> bytes:
         return self._processor.serialized_model_proto()
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of `serialized_proto()`: the identity prepared data records."""
+        return hashlib.sha256(self.serialized_proto()).hexdigest()
 
     # Grain worker processes receive the pipeline by pickling; ship the model bytes
     # rather than a path that may not exist on the worker's filesystem view.

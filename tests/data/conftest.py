@@ -32,3 +32,24 @@ def text_corpus(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"doc{i:02d}.txt").write_text(document)
     return str(tmp_path / "texts" / "**" / "*.txt"), documents
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer(tmp_path_factory):
+    """A 512-piece tokenizer trained on less text than `tiny_tokenizer`: same vocab, other ids."""
+    from samba_jax.data import tokenizer as tokenizer_lib
+
+    workdir = tmp_path_factory.mktemp("other_tokenizer")
+    return tokenizer_lib.train_default_tokenizer(str(workdir), 512, max_training_chars=60_000)
+
+
+@pytest.fixture
+def prepared(tiny_tokenizer, jsonl_corpus, tmp_path):
+    """`jsonl_corpus` prepared with `tiny_tokenizer`: (output dir, jsonl glob, documents)."""
+    from samba_jax.data import prepare
+
+    pattern, documents = jsonl_corpus
+    output = str(tmp_path / "prepared")
+    assert prepare.main([f"--input={pattern}", f"--tokenizer={tiny_tokenizer.model_path}",
+                         f"--output={output}", "--workers=1", "--shard_documents=8"]) == 0
+    return output, pattern, documents
