@@ -26,8 +26,10 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # The test extra pulls the optional readers so CI exercises them (TensorFlow is never needed).
+        "test": ["pytest>=8", "pyarrow>=15", "tensorflow-datasets>=4.9.10"],
         "tfds": ["tensorflow-datasets>=4.9.10"],
+        "parquet": ["pyarrow>=15"],
         "gpu": ["jax[cuda13]==0.11.2"],
     },
 )
