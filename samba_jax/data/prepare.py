@@ -224,6 +224,10 @@ def prepare(args: argparse.Namespace) -> dict:
         _replace_atomically(os.path.join(output, ARGS_FILE),
                             json.dumps(identity, indent=1, sort_keys=True).encode())
 
+    for folder in (output, os.path.join(output, PROGRESS_DIR)):  # leftovers of a killed run: ours, redone below
+        for name in os.listdir(folder):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
     units = _units(paths, fmt, args.shard_documents)
     todo = [(k, unit, fmt, args.jsonl_field, args.shard_documents, output)
             for k, unit in enumerate(units) if not os.path.exists(_unit_file(output, k))]
