@@ -88,3 +88,25 @@ def test_kill_9_mid_save_leaves_no_checkpoint_restore_would_pick(tokenizer_path,
     got = losses_by_step(read_metrics(workdir))
     assert sorted(got) == list(range(complete[-1] + 1, complete[-1] + 4))  # resumed after the last complete step
     assert got.items() <= reference_losses(tokenizer_path, str(tmp_path / "ref"), total, complete[-1] + 3).items()
+
+
+def test_cli_truncated_checkpoint_resumes_from_previous_or_exits_4(tokenizer_path, tmp_path):
+    workdir = str(tmp_path / "run")
+    cmd = cli(workdir, tokenizer_path, num_train_steps=8, checkpoint_every_steps=4, eval_every_steps=100)
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = losses_by_step(read_metrics(workdir))
+    truncate_largest_array_file(os.path.join(workdir, "checkpoints", "8"))
+    strict = str(tmp_path / "strict")
+    shutil.copytree(workdir, strict)
+
+    failed = subprocess.run(cli(strict, tokenizer_path, num_train_steps=8, checkpoint_every_steps=4,
+                                eval_every_steps=100, checkpoint_fail_on_damage=True),
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert failed.returncode == 4, failed.stderr[-3000:]
+    assert "checkpoints/8 (step 8) is damaged" in failed.stderr
+
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoints/8 (step 8) is damaged" in resumed.stderr and "checkpoints_damaged/8" in resumed.stderr
+    assert losses_by_step(read_metrics(workdir)) == expected  # steps 5..8 rerun with identical losses

@@ -253,3 +253,16 @@ def test_preemption_notice_saves_and_exits_like_sigterm(tokenizer_path, tmp_path
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["3"]
     assert max(r["step"] for r in read_metrics(str(tmp_path))) == 3
+
+
+def test_cli_diverging_run_skips_nonfinite_steps_then_exits_3(tokenizer_path, tmp_path):
+    # A learning rate of 1e30 makes the weights overflow after the first real update: every later
+    # step has a non-finite loss, is skipped, and the third in a row stops the run.
+    workdir = str(tmp_path / "run")
+    cmd = cli(workdir, tokenizer_path, num_train_steps=50, max_consecutive_bad_steps=3,
+              **{"optimizer.learning_rate": 1e30, "optimizer.warmup_fraction": 0.0})
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert "ERROR (NonFiniteError)" in run.stderr and "3 consecutive" in run.stderr
+    records = [r for r in read_metrics(workdir) if "loss" in r]
+    assert records[0]["skipped"] == 0 and any(r["skipped"] for r in records)
