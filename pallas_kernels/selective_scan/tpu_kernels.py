@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.selective_scan import layouts
+
 F32 = jnp.float32
 SUBLANES, LANES = 8, 128  # the float32 vreg tile
 
@@ -263,13 +265,7 @@ def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chun
                   s["row"], s["state"]],
         out_specs=[s["row"], s["row"], s["row"], s["partial_col"], s["partial_col"], s["state"],
                    s["batch_vec"], s["batch_vec"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(u.shape, delta.dtype),
-                   jax.ShapeDtypeStruct(u.shape, z.dtype),
-                   jax.ShapeDtypeStruct((batch, blocks, d_state, padded), F32),
-                   jax.ShapeDtypeStruct((batch, blocks, d_state, padded), F32),
-                   jax.ShapeDtypeStruct((batch, d_state, width), F32),
-                   jax.ShapeDtypeStruct((batch, 1, width), F32), jax.ShapeDtypeStruct((batch, 1, width), F32),
-                   jax.ShapeDtypeStruct((batch, d_state, width), F32)],
+        out_shape=layouts.backward_out_shapes(u, delta, z, blocks, d_state, padded),
         scratch_shapes=[pltpu.VMEM((d_state, block_d), F32),  # dh, carried across seq tiles
                         pltpu.VMEM((d_state, block_d), F32),  # dA^T sum
                         pltpu.VMEM((1, block_d), F32), pltpu.VMEM((1, block_d), F32),  # dD, dbias sums

@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.selective_scan import layouts
+
 F32 = jnp.float32
 
 
@@ -234,14 +236,8 @@ def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chun
                   s["row"], s["state"]],
         out_specs=[s["row"], s["row"], s["row"], s["partial_col"], s["partial_col"], s["state"], vec_out, vec_out,
                    s["state"], s["scratch"]],
-        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(u.shape, delta.dtype),
-                   jax.ShapeDtypeStruct(u.shape, z.dtype),
-                   jax.ShapeDtypeStruct((batch, blocks, d_state, seq), F32),
-                   jax.ShapeDtypeStruct((batch, blocks, d_state, seq), F32),
-                   jax.ShapeDtypeStruct((batch, d_state, width), F32),
-                   jax.ShapeDtypeStruct((batch, 1, width), F32), jax.ShapeDtypeStruct((batch, 1, width), F32),
-                   jax.ShapeDtypeStruct((batch, d_state, width), F32),
-                   jax.ShapeDtypeStruct((batch, blocks, chunk, d_state, block_d), F32)],
+        out_shape=[*layouts.backward_out_shapes(u, delta, z, blocks, d_state, seq),
+                   jax.ShapeDtypeStruct((batch, blocks, chunk, d_state, block_d), F32)],  # scratch
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="selective_scan_bwd",

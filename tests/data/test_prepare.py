@@ -158,7 +158,7 @@ def test_killed_subprocess_resumes_to_identical_output(tiny_tokenizer, tmp_path)
     interrupted = not os.path.exists(os.path.join(killed, "manifest.json"))
     subprocess.run(argv + [f"--output={killed}"], check=True, capture_output=True)
     _same_tree(full, killed)  # including no leftover .tmp shard from the kill
-    assert interrupted or pytest.skip("prepare finished before it could be killed")
+    assert interrupted  # 30 work units: the kill always lands before the manifest is written
 
 
 def test_refuses_other_arguments_or_tokenizer(tiny_tokenizer, messy_text_corpus, tmp_path,
