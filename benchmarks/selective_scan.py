@@ -1,7 +1,7 @@
 """Selective-scan implementations side by side: forward and forward+backward time, memory, floors.
 
 python benchmarks/selective_scan.py                      # the issue's shapes and the models' shapes
-python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas:32,chunked
+python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas:32:64:4:4,serial:64:4:2:4:4,chunked
 
 All inputs of mamba_ssm's training call (delta_bias + softplus, D, z gate; d_state 16). Times are
 medians over --iters calls after compilation; memory is XLA's temporary allocation of the compiled
@@ -43,13 +43,20 @@ def inputs(batch, seq, width, dtype, d_state=16):
 
 
 def scan_fn(impl: str):
-    name, *knobs = impl.split(":")  # pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS]
-    if name == "pallas" and knobs:
+    """pallas[:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]]] (tile-scan kernel), serial:BLOCK_D[:FWD_PREFETCH:
+    FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the earlier step-by-step kernel), or an ops implementation name."""
+    name, *knobs = impl.split(":")
+    if name in ("pallas", "serial") and knobs:
         from pallas_kernels.selective_scan import selective_scan as fused
 
         block_d, *rest = (int(k) for k in knobs)
-        tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
-        return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning)
+        if name == "serial":
+            tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
+            return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning,
+                                     backend="triton_serial")
+        chunk = dict(chunk_size=rest[0]) if rest else {}
+        tuning = dict(zip(("fwd_warps", "bwd_warps"), rest[1:]))
+        return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, **chunk)
     return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=name)
 
 

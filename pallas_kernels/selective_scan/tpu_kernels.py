@@ -207,17 +207,17 @@ def _compiler_params(interpret):
     return params, (pltpu.InterpretParams() if interpret else False)
 
 
-_STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "prefetch", "interpret")
+_STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, prefetch,
+def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps,
             interpret):
     """u, delta, z: (batch, seq, d) with d % block_d == 0; bt, ct: (batch, d_state, seq); at: (d_state, d);
     d, bias: (1, d); h0: (batch, d_state, d) f32; chunk: the seq tile, a multiple of 8 (see `seq_tile`).
     Returns y (batch, seq, d) in u's dtype, chunk states (batch, num_chunks, d_state, d) f32 and the
-    final state (batch, d_state, d) f32. num_warps and prefetch are Triton knobs, ignored here."""
-    del num_warps, prefetch
+    final state (batch, d_state, d) f32. num_warps is a Triton knob, ignored here."""
+    del num_warps
     batch, seq, width = u.shape
     d_state = at.shape[0]
     num_tiles = pl.cdiv(seq, chunk)
@@ -244,11 +244,11 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
-             num_warps, prefetch, interpret):
+             num_warps, interpret):
     """Gradients in the forward's layouts. Partials (reduced by the caller, as for Triton): dB^T, dC^T
     (batch, d_blocks, d_state, seq), one slice per (d-block, seq tile); dA^T (batch, d_state, d) and
     dD, dbias (batch, 1, d), summed over seq tiles in VMEM scratch and written on the first tile."""
-    del num_warps, prefetch
+    del num_warps
     batch, seq, width = u.shape
     d_state = at.shape[0]
     num_tiles = chunk_states.shape[1]

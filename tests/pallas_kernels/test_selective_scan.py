@@ -104,13 +104,15 @@ def test_no_state_sized_tensor_in_forward_or_backward():
     assert not shapes & seq_state
 
 
-@pytest.mark.parametrize("tuning", [dict(fwd_prefetch=0, bwd_prefetch=0), dict(fwd_prefetch=1, bwd_prefetch=3),
-                                    dict(fwd_prefetch=4, bwd_prefetch=4, fwd_warps=8, bwd_warps=2)])
-def test_prefetch_depth_and_warps_do_not_change_results(tuning):
+@pytest.mark.parametrize("backend,tuning", [("triton", dict(fwd_warps=8, bwd_warps=2)),
+                                            ("triton_serial", dict(fwd_prefetch=0, bwd_prefetch=0)),
+                                            ("triton_serial", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
+def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
     args = make_inputs(2, 45, 24, 16, seed=3)
     options = dict(delta_softplus=True, implementation="reference")
     loss_ref, grads_ref = values_and_grads(ops.selective_scan, args, options)
-    loss, grads = values_and_grads(fused, args, dict(delta_softplus=True, chunk_size=16, tuning=tuning))
+    loss, grads = values_and_grads(fused, args, dict(delta_softplus=True, chunk_size=16, tuning=tuning,
+                                                     backend=backend))
     assert_close(loss, loss_ref, 1e-5)
     for name in args:
         assert_close(grads[name], grads_ref[name], 2e-5, name)
