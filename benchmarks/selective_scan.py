@@ -1,7 +1,7 @@
 """Selective-scan implementations side by side: forward and forward+backward time, memory, floors.
 
 python benchmarks/selective_scan.py                      # the issue's shapes and the models' shapes
-python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas:32:64:4:4,serial:64:4:2:4:4,chunked
+python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas:64:4:2:4:4,tile:32:64:4:4,chunked
 
 All inputs of mamba_ssm's training call (delta_bias + softplus, D, z gate; d_state 16). Times are
 medians over --iters calls after compilation; memory is XLA's temporary allocation of the compiled
@@ -43,20 +43,20 @@ def inputs(batch, seq, width, dtype, d_state=16):
 
 
 def scan_fn(impl: str):
-    """pallas[:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]]] (tile-scan kernel), serial:BLOCK_D[:FWD_PREFETCH:
-    FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the earlier step-by-step kernel), or an ops implementation name."""
+    """pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the step-by-step Triton kernel),
+    tile:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]] (the tile-scan Triton kernel), or an ops implementation."""
     name, *knobs = impl.split(":")
-    if name in ("pallas", "serial") and knobs:
+    if name in ("pallas", "tile") and knobs:
         from pallas_kernels.selective_scan import selective_scan as fused
 
         block_d, *rest = (int(k) for k in knobs)
-        if name == "serial":
+        if name == "pallas":
             tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
-            return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning,
-                                     backend="triton_serial")
+            return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning)
         chunk = dict(chunk_size=rest[0]) if rest else {}
         tuning = dict(zip(("fwd_warps", "bwd_warps"), rest[1:]))
-        return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, **chunk)
+        return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, backend="triton_tile",
+                                 **chunk)
     return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=name)
 
 
@@ -80,8 +80,8 @@ def main():
     args = p.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}\n")
     print("| shape (b x seq x d_inner) | dtype | impl | fwd ms | fwd+bwd ms | temp GiB | fwd vs assoc | "
-          "fwd+bwd vs assoc | speed vs mamba_ssm (fwd, f+b) | fwd / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "fwd+bwd vs assoc | speed vs mamba_ssm (fwd, f+b) | fwd / floor | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         batch, seq, width = (int(x) for x in shape.split("x"))
         for dtype_name in args.dtypes.split(","):
@@ -90,26 +90,26 @@ def main():
             exps = batch * seq * width * 16
             nbytes = batch * seq * (4 * width + 2 * 16) * dtype.itemsize
             floor_ms = max(exps / EXP_PER_S, nbytes / HBM_BYTES_PER_S) * 1e3
-            results = {}
-            for impl in args.impls.split(","):
+            base, ref = None, MAMBA_SSM_MS.get((shape, dtype_name))
+            for impl in sorted(args.impls.split(","), key=lambda i: i != "associative"):  # the baseline first
                 scan = scan_fn(impl)
-                fwd = jax.jit(lambda a, scan=scan: scan(**a))
                 loss = lambda a, scan=scan: jnp.sum(scan(**a).astype(jnp.float32))  # noqa: E731
-                both = jax.jit(jax.grad(loss, argnums=0))
                 try:
-                    mem = both.lower(a).compile().memory_analysis()
+                    t0 = time.perf_counter()
+                    fwd = jax.jit(lambda a, scan=scan: scan(**a)).lower(a).compile()
+                    both = jax.jit(jax.grad(loss, argnums=0)).lower(a).compile()
+                    compile_s = time.perf_counter() - t0
+                    mem = both.memory_analysis()
                     temp = mem.temp_size_in_bytes / 2**30 if mem is not None else float("nan")
-                    results[impl] = (timed(fwd, a, args.iters), timed(both, a, args.iters), temp)
+                    f, fb = timed(fwd, a, args.iters), timed(both, a, args.iters)
                 except Exception as e:  # noqa: BLE001  (an OOM or a lowering failure is a table entry)
-                    print(f"| {shape} | {dtype_name} | {impl} | failed: {type(e).__name__}: {str(e)[:150]} |||||||")
+                    print(f"| {shape} | {dtype_name} | {impl} | failed: {type(e).__name__}: {str(e)[:150]} ||||||||")
                     continue
-            base = results.get("associative")
-            ref = MAMBA_SSM_MS.get((shape, dtype_name))
-            for impl, (f, fb, temp) in results.items():
+                base = (f, fb) if impl == "associative" else base
                 vs_assoc = f"{base[0] / f:.2f}x | {base[1] / fb:.2f}x" if base else "- | -"
                 vs_ref = f"{ref[0] / f:.2f}x, {ref[1] / fb:.2f}x" if ref else "-"
                 print(f"| {shape} | {dtype_name} | {impl} | {f:.2f} | {fb:.2f} | {temp:.2f} | {vs_assoc} | "
-                      f"{vs_ref} | {f / floor_ms:.1f}x |", flush=True)
+                      f"{vs_ref} | {f / floor_ms:.1f}x | {compile_s:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

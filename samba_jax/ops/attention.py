@@ -4,7 +4,8 @@
 the current token: the Samba reference's window 2048 is flash-attn's window_size=(2047, 0));
 window=None is full causal attention. Implementations are picked by name: "reference" is dense
 and obviously right (the test oracle); "banded" is blocked XLA whose memory is
-O(seq * (window + block)), never seq x seq. Logits, softmax and accumulation run in float32;
+O(seq * (window + block)), never seq x seq; "cudnn" is cuDNN's fused flash attention with a local
+window (NVIDIA GPUs, bfloat16/float16; other dtypes fall back to "banded"). Logits, softmax and accumulation run in float32;
 the output has q's dtype. `sliding_window_attention_decode` serves one new token per sequence
 against a ring-buffer KV cache during generation.
 """
@@ -124,16 +125,48 @@ def _banded(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block_size: i
     return core(q, k, v)
 
 
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_SEQ_MULTIPLE = 64
+
+
+def _cudnn_supports(q: jax.Array) -> bool:
+    head_dim = q.shape[-1]
+    return q.dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+
+
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block_size: int | None) -> jax.Array:
+    """cuDNN flash attention: causal plus a left window of window - 1 keys; GQA natively (no K/V copies).
+
+    is_causal=True always: with only local_window_size, jax 0.11 lets queries see future keys.
+    Float32 inputs or head_dim not a multiple of 8 up to 128 (cuDNN's limits) run "banded" instead.
+    """
+    if not _cudnn_supports(q):
+        return _banded(q, k, v, window, block_size)
+    group = q.shape[2] // k.shape[2]
+    if window == 1:  # attention to itself only: the output is v (cuDNN's window of 1 failed the H200 test)
+        return jnp.repeat(v, group, axis=2).astype(q.dtype)
+    seq = q.shape[1]
+    # cuDNN's backward refuses odd lengths (seen on the H200 at 129 and 257): pad the end. Causality
+    # keeps real queries from seeing the padded keys, and the padded rows are sliced off.
+    pad = -seq % _CUDNN_SEQ_MULTIPLE
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    local = None if window >= seq else (window - 1, 0)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
+    return out[:, :seq]
+
+
 # Name -> implementation(q, k, v, window, block_size); window already clipped to [1, seq].
 _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "reference": _reference,
     "banded": _banded,
+    "cudnn": _cudnn,
 }
 
 
 def _default_implementation() -> str:
-    """Best available implementation for the default backend (only XLA ones exist so far)."""
-    return "banded"
+    """cuDNN on NVIDIA GPUs (it is the fastest measured there, BENCHMARKS.md), else blocked XLA."""
+    return "cudnn" if jax.default_backend() == "gpu" else "banded"
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None,
@@ -151,6 +184,9 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: i
     name = _default_implementation() if implementation is None else implementation
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {sorted(_IMPLEMENTATIONS)} or None, got {name!r}")
+    if name == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, but the default backend is "
+                         f"{jax.default_backend()!r}; use 'banded' or None (the platform's best)")
     seq = q.shape[1]
     window = seq if window is None else min(window, seq)  # a window beyond seq is full causal attention
     return _IMPLEMENTATIONS[name](q, k, v, window, block_size)

@@ -82,6 +82,42 @@ def test_bfloat16_inputs(impl):
     np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2)
 
 
+_ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not _ON_GPU, reason="cuDNN attention needs an NVIDIA GPU (run on the device machine)")
+@pytest.mark.parametrize("seq,q_heads,kv_heads,window", [(50, 4, 2, 1), (50, 4, 2, 17), (129, 4, 1, 128),
+                                                         (129, 8, 2, 128), (100, 4, 4, 99), (100, 4, 2, 100),
+                                                         (64, 4, 2, None), (300, 4, 2, 1000)])
+def test_cudnn_matches_reference_values_and_grads(seq, q_heads, kv_heads, window):
+    q, k, v, ct = _inputs(seq + (window or 0), 2, seq, q_heads, kv_heads, 64, dtype=jnp.bfloat16)
+    out_c, grads_c = _out_and_grads(q, k, v, ct, window, "cudnn", None)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    out_r, grads_r = _out_and_grads(*f32, window, "reference", None)
+    assert out_c.dtype == jnp.bfloat16 and out_c.shape == q.shape
+    np.testing.assert_allclose(out_c.astype(jnp.float32), out_r, rtol=2e-2, atol=2e-2)
+    for name, gc, gr in zip("qkv", grads_c, grads_r):
+        scale = float(jnp.abs(gr).max())
+        np.testing.assert_allclose(gc.astype(jnp.float32), gr, rtol=0, atol=3e-2 * scale, err_msg=f"grad {name}")
+
+
+@pytest.mark.skipif(not _ON_GPU, reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_float32_falls_back_to_banded_and_is_the_gpu_default():
+    q, k, v, _ = _inputs(5, 1, 40, 4, 2, 16)
+    np.testing.assert_allclose(_ATTN(q, k, v, window=9, implementation="cudnn"),
+                               _ATTN(q, k, v, window=9, implementation="reference"), rtol=1e-5, atol=1e-5)
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    np.testing.assert_array_equal(_ATTN(qb, kb, vb, window=9, implementation=None),
+                                  _ATTN(qb, kb, vb, window=9, implementation="cudnn"))
+
+
+@pytest.mark.skipif(_ON_GPU, reason="checks the message on machines without a GPU")
+def test_cudnn_without_a_gpu_names_the_alternatives():
+    q, k, v, _ = _inputs(5, 1, 8, 4, 2, 16, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="cudnn.*needs an NVIDIA GPU.*banded"):
+        sliding_window_attention(q, k, v, 4, implementation="cudnn")
+
+
 def _naive_numpy(q, k, v, window):
     """Per-query loop in float64, written independently of the module."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))

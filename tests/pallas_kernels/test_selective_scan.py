@@ -104,9 +104,9 @@ def test_no_state_sized_tensor_in_forward_or_backward():
     assert not shapes & seq_state
 
 
-@pytest.mark.parametrize("backend,tuning", [("triton", dict(fwd_warps=8, bwd_warps=2)),
-                                            ("triton_serial", dict(fwd_prefetch=0, bwd_prefetch=0)),
-                                            ("triton_serial", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
+@pytest.mark.parametrize("backend,tuning", [("triton_tile", dict(fwd_warps=8, bwd_warps=2)),
+                                            ("triton", dict(fwd_prefetch=0, bwd_prefetch=0)),
+                                            ("triton", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
 def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
     args = make_inputs(2, 45, 24, 16, seed=3)
     options = dict(delta_softplus=True, implementation="reference")
