@@ -5,8 +5,10 @@ Semantics of mamba_ssm's `selective_scan_fn`, channels-last (as `samba_jax.ops.s
 y_t = C_t·h_t + D u_t; y *= silu(z). Everything from the softplus to the gate runs inside the
 kernel; the backward recomputes states from chunk-boundary states, so no (batch, seq, d_inner,
 d_state) tensor is ever allocated. On a CPU backend the same kernels run in Pallas interpret mode.
-Two interchangeable kernel modules: `triton_kernels` (GPU; the default off TPU) and `tpu_kernels`
-(Mosaic TPU; the default on TPU, or forced with backend="tpu", e.g. in interpret mode on CPU).
+Interchangeable kernel modules: `triton_kernels` (GPU, one step at a time; the default off TPU),
+`triton_tile_kernels` (GPU, a parallel scan per tile of steps; measured slower, backend="triton_tile")
+and `tpu_kernels` (Mosaic TPU; the default on TPU, or forced with backend="tpu", e.g. in interpret
+mode on CPU).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     tuning: overrides of `default_tuning` (fwd_warps, fwd_prefetch, bwd_warps, bwd_prefetch: Triton
       warps per program and steps whose inputs are loaded ahead of the recurrence).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
-    backend: "triton" or "tpu" kernels (None: "tpu" on a TPU backend, else "triton"). On TPU, block_d
+    backend: "triton", "triton_tile" or "tpu" kernels (None: "tpu" on a TPU backend, else "triton");
+      "triton_tile" needs a power-of-two chunk_size (its tile of steps). On TPU, block_d
       defaults to 128 (the lane width) and chunk_size is rounded to a legal seq tile
       (`tpu_kernels.seq_tile`).
     Returns y (batch, seq, d_inner) in u's dtype, and the final float32 state if asked.

@@ -13,7 +13,11 @@ through unchanged) and are never stored. The forward stores y once and the state
 The backward walks tiles in reverse: it recomputes the tile's states from the saved one, runs the
 adjoint recurrence dh_t = C_t dy_t + exp(Δ_{t+1} A) dh_{t+1} as a reverse scan, and accumulates
 every gradient without storing anything of size seq * d_state * d.
-This is the only backend-specific file for GPUs: a Mosaic GPU version would replace these two calls.
+
+Measured on an H200 (BENCHMARKS.md) this is 2-3.5x slower than the step-by-step `triton_kernels` at
+the training shapes and compiles in 35-110 s, so it is not the default (backend="triton_tile" picks
+it). It is kept as the starting point for a layout that keeps the step axis inside a warp.
+TODO(issue 3): reach mamba_ssm's speed (a Mosaic GPU kernel, or Triton layouts Pallas can't set).
 """
 
 from __future__ import annotations
