@@ -14,15 +14,17 @@ import os
 import signal
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
-from samba_jax import checkpoint, metrics
+from samba_jax import checkpoint, metrics, sharding
 from samba_jax.config import (ConfigError, ConfigFileError, ModelConfig, flops_per_token, parameter_count,
                               validate_run)
 from samba_jax.data import pipeline
 from samba_jax.model.samba import SambaLM
-from samba_jax.trainer import check_skips, init_state, make_eval_step, make_optimizer, make_train_step
+from samba_jax.trainer import (abstract_boxed_state, check_skips, init_state_on_mesh, make_eval_step, make_optimizer,
+                               make_train_step)
 
 
 class StopRequested:
@@ -61,11 +63,11 @@ def write_config(config: Any, workdir: str, step: int) -> None:
         f.write(text)
 
 
-def evaluate(eval_step, params, make_eval_iter) -> dict[str, float]:
+def evaluate(eval_step, params, make_eval_iter, to_global=lambda x: x) -> dict[str, float]:
     """Mean next-token loss and perplexity over the (fixed) validation batches."""
     total, count = 0.0, 0.0
     for batch in make_eval_iter():
-        loss_sum, n = eval_step(params, batch["tokens"])
+        loss_sum, n = eval_step(params, to_global(np.asarray(batch["tokens"])))
         total, count = total + float(loss_sum), count + float(n)
     if count == 0:
         return {}
@@ -123,15 +125,25 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
 
     train_iter, make_eval_iter, eval_source = make_data(config, workdir, model_cfg)
 
-    # Model, optimizer, state (restored if the workdir holds a checkpoint).
+    # Mesh and shardings: parameters and optimizer state split by their logical axes (sharding.py).
+    mesh, rule_table = sharding.make_mesh(config.mesh), sharding.rules(config)
     model = SambaLM(model_cfg)
     tx, schedule = make_optimizer(config.optimizer, config.num_train_steps)
-    abstract_state = jax.eval_shape(lambda: init_state(model_cfg, tx, jax.random.key(config.seed)))
+    state_shardings = sharding.state_shardings(abstract_boxed_state(model_cfg, tx), mesh, rule_table)
+    tokens_sharding = sharding.batch_sharding(mesh, rule_table)  # (accum, micro_batch, seq + 1)
+    eval_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tokens_sharding.spec[1:]))
+
+    def to_global(local_tokens, target=tokens_sharding):  # this process's rows -> one global array
+        return jax.make_array_from_process_local_data(target, local_tokens)
+
+    # State: restored if the workdir holds a checkpoint (onto this mesh, whatever mesh saved it).
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  nn.unbox(abstract_boxed_state(model_cfg, tx)), state_shardings)
     manager = checkpoint.make_manager(workdir, config.checkpoint_every_steps, config.keep_checkpoints,
                                       config.async_checkpointing)
     restored = checkpoint.restore_latest(manager, abstract_state, train_iter, config.checkpoint_fail_on_damage)
     if restored is None:
-        state, start = init_state(model_cfg, tx, jax.random.key(config.seed)), 0
+        state, start = init_state_on_mesh(model_cfg, tx, jax.random.key(config.seed), state_shardings), 0
     else:
         start, state = restored
         metrics.log(f"Resumed from checkpoint at step {start} in {workdir}/checkpoints.")
@@ -144,11 +156,15 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     flops = flops_per_token(model_cfg, seq_len)
     metrics.log(f"Model: {counts['total'] / 1e6:.2f}M parameters, {flops['train'] / 1e9:.3f} GFLOP/token "
                 f"(train, MaxText convention + scan), compute dtype {model_cfg.compute_dtype}, "
-                f"{jax.device_count()} x {jax.devices()[0].device_kind}; batch {config.batch_size} x {seq_len} "
-                f"in {accum} micro-batches of {config.micro_batch_size}.")
+                f"{jax.device_count()} x {jax.devices()[0].device_kind} in {pcount} process(es), mesh "
+                f"{dict(mesh.shape)}; batch {config.batch_size} x {seq_len} in {accum} micro-batches of "
+                f"{config.micro_batch_size}.")
 
-    train_step = make_train_step(model, tx, schedule, max_consecutive_bad=config.max_consecutive_bad_steps)
-    eval_step = make_eval_step(model)
+    train_step = make_train_step(model, tx, schedule, max_consecutive_bad=config.max_consecutive_bad_steps,
+                                 mesh=mesh, rule_table=rule_table, state_sharding=state_shardings,
+                                 batch_sharding=tokens_sharding)
+    eval_step = make_eval_step(model, mesh, rule_table)
+    eval_global = lambda x: to_global(x, eval_sharding)  # noqa: E731
     writer = metrics.MetricWriter(workdir)
     throughput = metrics.Throughput(config.batch_size * seq_len, flops["train"], config.num_train_steps)
     # Multi-host: SIGTERM is left to JAX's preemption service, which `reached_preemption` turns into
@@ -157,12 +173,12 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     last: dict[str, float] = {}
     step, preempted = start, False
     if start == 0 and eval_source:  # the loss before training, so the first curve point is the init
-        ev = evaluate(eval_step, state["params"], make_eval_iter)
+        ev = evaluate(eval_step, state["params"], make_eval_iter, eval_global)
         metrics.log(f"step 0 eval_loss {ev['eval_loss']:.4f} perplexity {ev['eval_perplexity']:.2f}")
         writer.write(0, ev)
     try:
         while step < config.num_train_steps:
-            tokens = np.asarray(next(train_iter)["tokens"]).reshape(accum, -1, seq_len + 1)
+            tokens = to_global(np.asarray(next(train_iter)["tokens"]).reshape(accum, -1, seq_len + 1))
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, tokens)
             step += 1
@@ -187,7 +203,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
                 with throughput.pause():
                     if eval_source:
-                        ev = evaluate(eval_step, state["params"], make_eval_iter)
+                        ev = evaluate(eval_step, state["params"], make_eval_iter, eval_global)
                         if ev:
                             metrics.log(f"step {step} eval_loss {ev['eval_loss']:.4f} "
                                         f"perplexity {ev['eval_perplexity']:.2f}")

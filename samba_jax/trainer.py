@@ -54,6 +54,24 @@ def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: ja
             "skips": init_skips()}
 
 
+def abstract_boxed_state(model_cfg: ModelConfig, tx: optax.GradientTransformation) -> State:
+    """Shapes of the state with parameters (and the optimizer moments mirroring them) still in flax's
+    `Partitioned` boxes, whose logical axis names give the shardings (`sharding.state_shardings`)."""
+    def init():
+        params = SambaLM(model_cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "skips": init_skips()}
+
+    return jax.eval_shape(init)
+
+
+def init_state_on_mesh(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
+                       shardings: Any) -> State:
+    """`init_state` compiled with the state's shardings: each device creates only its shards.
+    (Random bits are sharding-independent, so the values equal the single-device init.)"""
+    return jax.jit(lambda key: init_state(model_cfg, tx, key), out_shardings=shardings)(rng)
+
+
 def next_token_loss(model: SambaLM, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed cross-entropy and token count. tokens: (batch, seq + 1) int32."""
     logits = model.apply({"params": params}, tokens[:, :-1])
@@ -79,15 +97,27 @@ def update_skips(skips: dict[str, jax.Array], skipped: jax.Array, step: jax.Arra
     return jax.tree.map(lambda old, upd: jnp.where(tripped, old, upd), skips, new)
 
 
+def on_mesh(fn: Callable, mesh: Any, rule_table: Any) -> Callable:
+    """Runs (and so traces) `fn` with `mesh` and the logical-axis rules active."""
+    def run(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rule_table):
+            return fn(*args)
+
+    return run
+
+
 def make_train_step(model: SambaLM, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     loss_fn: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
-                    max_consecutive_bad: int = 0,
+                    max_consecutive_bad: int = 0, mesh: Any = None, rule_table: Any = None,
+                    state_sharding: Any = None, batch_sharding: Any = None,
                     ) -> Callable[[State, jax.Array], tuple[State, dict[str, jax.Array]]]:
     """Returns the jitted step. tokens: (accum_steps, micro_batch, seq + 1); the state is donated.
 
     loss_fn: (params, tokens (batch, seq + 1)) -> (summed loss, token count); defaults to the
     next-token cross-entropy of `model` (tests pass one that goes NaN on purpose).
     max_consecutive_bad: the skip-run length at which `state["skips"]` freezes (0: never).
+    mesh, rule_table, state_sharding, batch_sharding: for a sharded step (see samba_jax.sharding);
+    the step keeps the state's shardings, so parameters and optimizer state stay where they live.
     """
     def mean_loss(params, tokens):
         total, count = (loss_fn or partial(next_token_loss, model))(params, tokens)
@@ -125,12 +155,17 @@ def make_train_step(model: SambaLM, tx: optax.GradientTransformation, schedule: 
                    "consecutive_skipped": skips["consecutive"], "skip_run_start": skips["run_start"]}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return on_mesh(jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                           out_shardings=(state_sharding, None), donate_argnums=0), mesh, rule_table)
 
 
-def make_eval_step(model: SambaLM) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+def make_eval_step(model: SambaLM, mesh: Any = None, rule_table: Any = None
+                   ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
     """Returns jitted (params, tokens (batch, seq + 1)) -> (summed loss, token count)."""
-    return jax.jit(lambda params, tokens: next_token_loss(model, params, tokens))
+    step = jax.jit(lambda params, tokens: next_token_loss(model, params, tokens))
+    return step if mesh is None else on_mesh(step, mesh, rule_table)
 
 
 class NonFiniteError(FloatingPointError):

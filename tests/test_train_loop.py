@@ -202,7 +202,7 @@ def test_resuming_with_a_different_model_names_the_fix(uninterrupted_run, tokeni
 def test_data_source_matching_nothing_is_named_before_compiling(tokenizer_path, tmp_path, monkeypatch):
     from samba_jax import train_loop
 
-    monkeypatch.setattr(train_loop, "init_state", lambda *a: pytest.fail("reached model init"))
+    monkeypatch.setattr(train_loop, "init_state_on_mesh", lambda *a: pytest.fail("reached model init"))
     c = tiny_config(tokenizer_path, 2)
     c.data.source = f"text:{tmp_path}/nothing_here/*.txt"
     with pytest.raises((ValueError, FileNotFoundError), match="nothing_here"):

@@ -63,6 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",  # none | block | save_dots
     ))
 
+    # Device mesh (samba_jax/sharding.py): degrees of data, fsdp, tensor and context parallelism;
+    # -1 takes the remaining devices. dcn_* are the across-slice degrees of multi-slice TPU jobs.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, context=1,
+                                            dcn_data=1, dcn_fsdp=1, dcn_tensor=1, dcn_context=1))
+    # Logical axis -> mesh axes, as ((name, axes), ...); empty = sharding.DEFAULT_RULES.
+    c.sharding_rules = ()
+
     c.data = ml_collections.ConfigDict(dict(
         # "stdlib" (offline default corpus), "text:GLOB", "jsonl:GLOB", "array_record:DIR" (written by
         # `python -m samba_jax.data.prepare`), "tfds:NAME[/CONFIG][:SPLIT]" or a token-weighted mixture

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from samba_jax import ops
+from samba_jax import context_parallel
 from samba_jax.config import ModelConfig
 from samba_jax.model.layers import Dense, apply_rotary
 
@@ -37,7 +37,7 @@ class Attention(nn.Module):
         q = apply_rotary(q, positions, cfg.rope_base)
         k = apply_rotary(k, positions, cfg.rope_base)
 
-        o = ops.sliding_window_attention(
+        o = context_parallel.sliding_window_attention_on_mesh(
             q, k, v, self.window, implementation=cfg.attention_implementation or None,
             block_size=cfg.attention_block or None)
         return Dense(cfg.d_model, ("heads", "embed"), dtype, self.out_scale, name="o_proj")(

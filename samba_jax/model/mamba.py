@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from samba_jax import ops
+from samba_jax import context_parallel
 from samba_jax.config import ModelConfig
 from samba_jax.model.layers import Dense, uniform_init
 
@@ -85,7 +85,7 @@ class MambaMixer(nn.Module):
         d_skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("ssm_inner",)),
                             (di,), jnp.float32)
 
-        y = ops.selective_scan(
+        y = context_parallel.selective_scan_on_mesh(
             u, delta, -jnp.exp(a_log), b, c, D=d_skip, z=z, delta_bias=dt_bias, delta_softplus=True,
             implementation=cfg.scan_implementation or None, chunk_size=cfg.scan_chunk)
         return Dense(cfg.d_model, ("ssm_inner", "embed"), dtype, self.out_scale, name="out_proj")(y)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from samba_jax.config import ModelConfig
+from samba_jax.sharding import constrain
 from samba_jax.model.attention import Attention
 from samba_jax.model.layers import Dense, Embedding, RMSNorm, SwiGLU
 from samba_jax.model.mamba import MambaMixer
@@ -24,6 +25,10 @@ REMAT_POLICIES = {
     "block": None,  # save only the block's input, recompute everything else
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# The residual stream between blocks: (batch, seq, d_model), split as the rules say (sharding.py).
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed")
 
 
 class PatternBlock(nn.Module):
@@ -37,6 +42,7 @@ class PatternBlock(nn.Module):
         # Reference init: residual output projections divided by sqrt(number of residual sublayers).
         out_scale = 1.0 / math.sqrt(cfg.num_layers)
         dtype = jnp.dtype(cfg.compute_dtype)
+        x = constrain(x, ACTIVATION_AXES)
         for i, kind in enumerate(cfg.pattern):
             h = RMSNorm(cfg.norm_eps, name=f"norm_{i}")(x)
             if kind == "mamba":
@@ -47,7 +53,7 @@ class PatternBlock(nn.Module):
                 window = cfg.window if kind == "swa" else None
                 h = Attention(cfg, window, out_scale, name=f"{kind}_{i}")(h, positions)
             x = x + h.astype(jnp.float32)
-        return x, None
+        return constrain(x, ACTIVATION_AXES), None
 
 
 class SambaLM(nn.Module):

@@ -1,0 +1,139 @@
+"""The sequence-mixing ops on a device mesh: per-device kernels, with the sequence split over `context`.
+
+XLA's SPMD partitioner splits matmuls, norms and the short causal conv on its own, but it cannot
+split a Pallas or cuDNN custom call, and a recurrence over a split sequence needs the state of the
+shards before. These wrappers run the ops under `shard_map` (batch over the batch axes, channels
+or heads over `tensor`, the sequence over `context`):
+
+- selective scan: each shard first scans its piece from a zero state for its final state; since
+  A is constant per (channel, state), a shard's total decay is exp(A * sum of its Δ). One small
+  all-gather of (final state, decay) per shard lets every shard fold the states of the shards
+  before it into its incoming state, and a second local scan from that state gives the exact
+  output (recurrentgemma's multi-shard correction, for Mamba-1's (d_inner, d_state) state; the
+  second scan replaces the correction term, which would need a seq x d_inner x d_state tensor).
+- sliding-window attention: each shard receives the last window - 1 keys and values of the shard
+  before (a halo, one collective permute) and attends its queries over [halo, own keys].
+
+Without an active mesh (or on one device) they call the plain ops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from samba_jax import sharding
+from samba_jax.ops.attention import sliding_window_attention
+from samba_jax.ops.selective_scan import selective_scan
+
+
+def _softplus(x):
+    return jnp.logaddexp(x, 0.0)
+
+
+def scan_across_shards(u, delta, A, B, C, D, z, delta_bias, *, axis: str, delta_softplus: bool, **kwargs):
+    """Inside shard_map: the selective scan of a sequence split over mesh axis `axis` (local views)."""
+    _, final = selective_scan(u, delta, A, B, C, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                              return_final_state=True, **kwargs)  # (batch, d_inner, d_state), from zero
+    dt = delta.astype(jnp.float32) + (0.0 if delta_bias is None else delta_bias)
+    dt = _softplus(dt) if delta_softplus else dt
+    decay = jnp.exp(A[None] * jnp.sum(dt, axis=1)[..., None])  # product over the shard of exp(Δ_t A)
+    finals = lax.all_gather(final, axis)  # (shards, batch, d_inner, d_state)
+    decays = lax.all_gather(decay, axis)
+    me = lax.axis_index(axis)
+
+    def fold(j, h):  # the state entering shard j+1, from the state entering shard j
+        return jnp.where(j < me, decays[j] * h + finals[j], h)
+
+    incoming = lax.fori_loop(0, finals.shape[0], fold, jnp.zeros_like(final))
+    return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                          initial_state=incoming, **kwargs)
+
+
+def attention_across_shards(q, k, v, *, window: int, axis: str, **kwargs):
+    """Inside shard_map: causal sliding-window attention of a sequence split over mesh axis `axis`.
+
+    Needs window - 1 <= the local length (the halo comes from one neighbour).
+    """
+    halo = window - 1
+    shards = lax.axis_size(axis)
+    if halo == 0 or shards == 1:
+        return sliding_window_attention(q, k, v, window, **kwargs)
+    if halo > q.shape[1]:
+        raise ValueError(f"window - 1 = {halo} keys exceed the {q.shape[1]} tokens per context shard; use fewer "
+                         "context shards or a longer sequence")
+    to_next = [(i, i + 1) for i in range(shards - 1)]
+    k_halo = lax.ppermute(k[:, -halo:], axis, to_next)  # shard 0 receives zeros, and ignores them
+    v_halo = lax.ppermute(v[:, -halo:], axis, to_next)
+
+    def with_halo(q, k, v, k_halo, v_halo):
+        q_ext = jnp.concatenate([jnp.zeros((q.shape[0], halo) + q.shape[2:], q.dtype), q], axis=1)
+        out = sliding_window_attention(q_ext, jnp.concatenate([k_halo, k], 1), jnp.concatenate([v_halo, v], 1),
+                                       window, **kwargs)
+        return out[:, halo:]
+
+    def first_shard(q, k, v, k_halo, v_halo):
+        return sliding_window_attention(q, k, v, window, **kwargs)
+
+    return lax.cond(lax.axis_index(axis) == 0, first_shard, with_halo, q, k, v, k_halo, v_halo)
+
+
+def _names_to_spec(*names):
+    return sharding.logical_spec(names)
+
+
+def selective_scan_on_mesh(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, **kwargs):
+    """`selective_scan` for global arrays on the active mesh; shapes as ops.selective_scan."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                              **kwargs)
+    seq_spec = _names_to_spec("act_batch", "act_length", "ssm_inner")
+    state_spec = _names_to_spec("act_batch", "act_length", None)
+    channel = _names_to_spec("ssm_inner")
+    a_spec = _names_to_spec("ssm_inner", None)
+    context = seq_spec[1]
+    if context is None:
+        body = functools.partial(selective_scan, delta_softplus=delta_softplus, **kwargs)
+        body = _positional(body)
+    else:
+        body = _positional(functools.partial(scan_across_shards, axis=context, delta_softplus=delta_softplus,
+                                             **kwargs))
+    optional = (D, z, delta_bias)
+    specs = (channel, seq_spec, channel)
+    present = tuple(x is not None for x in optional)
+
+    def local(u, delta, A, B, C, *rest):
+        it = iter(rest)
+        d, zz, bias = (next(it) if p else None for p in present)
+        return body(u, delta, A, B, C, d, zz, bias)
+
+    in_specs = (seq_spec, seq_spec, a_spec, state_spec, state_spec) + tuple(s for s, p in zip(specs, present) if p)
+    args = (u, delta, A, B, C) + tuple(x for x in optional if x is not None)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=seq_spec, check_vma=False)(*args)
+
+
+def _positional(fn):
+    return lambda u, delta, A, B, C, D, z, bias: fn(u, delta, A, B, C, D=D, z=z, delta_bias=bias)
+
+
+def sliding_window_attention_on_mesh(q, k, v, window, **kwargs):
+    """`sliding_window_attention` for global (batch, seq, heads, head_dim) arrays on the active mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return sliding_window_attention(q, k, v, window, **kwargs)
+    q_spec = _names_to_spec("act_batch", "act_length", "heads", None)
+    kv_spec = _names_to_spec("act_batch", "act_length", "kv_heads", None)
+    context = q_spec[1]
+    if context is None:
+        local = functools.partial(sliding_window_attention, window=window, **kwargs)
+    else:
+        if window is None:
+            raise ValueError("full causal attention over a context-split sequence is not supported "
+                             "(TODO(issue 5)); use a window or mesh.context=1")
+        local = functools.partial(attention_across_shards, window=window, axis=context, **kwargs)
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(q, k, v)
