@@ -101,6 +101,25 @@ def _check_fits(manager: ocp.CheckpointManager, step: int, abstract_state: Any) 
     return "data_iter" in meta  # grain reports no metadata (None), only presence
 
 
+def _iterator_fits_process_count(path: str, step: int) -> bool:
+    """Whether the checkpoint's data-iterator files were written by as many processes as run now.
+
+    grain keeps one position per process (`process_I-of-N.json`); a job restarted with another
+    process count cannot map them, so the model and optimizer resume exactly and the data order
+    starts over (with a warning), instead of the checkpoint being taken for damaged.
+    """
+    files = os.listdir(os.path.join(path, "data_iter")) if os.path.isdir(os.path.join(path, "data_iter")) else []
+    written = sorted({f.split("-of-")[1].removesuffix(".json") for f in files if "-of-" in f})
+    count = str(jax.process_count())
+    if not written or count in written:
+        return True
+    warnings.warn(f"Checkpoint {path} (step {step}) was written by {', '.join(written)} process(es) and this job "
+                  f"has {count}: parameters and optimizer state are restored (resharded onto this mesh), but the "
+                  f"data iterators cannot be mapped, so the data order starts over from the beginning.",
+                  stacklevel=3)
+    return False
+
+
 def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
     """Moves a damaged step out of the manager's directory (kept for inspection) so new saves can reuse it."""
     src = os.path.join(str(manager.directory), str(step))
@@ -132,7 +151,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
         try:
             has_iter = _check_fits(manager, step, abstract_state)
             args = {"state": ocp.args.StandardRestore(abstract_state)}
-            if data_iter is not None and has_iter:
+            if data_iter is not None and has_iter and _iterator_fits_process_count(path, step):
                 args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
             restored = manager.restore(step, args=ocp.args.Composite(**args))
         except CheckpointMismatchError:

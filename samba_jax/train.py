@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from samba_jax import distributed
 from samba_jax.checkpoint import DamagedCheckpointError
 from samba_jax.config import ConfigError
 from samba_jax.train_loop import train_and_evaluate
@@ -28,6 +29,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (expe
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after_steps", 0, "Save and exit after this many steps of this run "
                                    "(e.g. to fit a job time limit); rerun the same command to continue.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for a multi-process job "
+                                   "outside TPU pods/SLURM/Open MPI (which are detected); with --num_processes and "
+                                   "--process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,6 +43,8 @@ def main(argv):
     # Orbax and grain log every save at INFO; keep the console to our own progress lines.
     logging.set_verbosity(logging.WARNING)
     try:
+        # Before anything touches a device: join the other processes of a multi-host job.
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         train_and_evaluate(_CONFIG.value, _WORKDIR.value, _STOP_AFTER.value)
     except tuple(kind for kind, _ in EXIT_CODES) as e:
         code = next(code for kind, code in EXIT_CODES if isinstance(e, kind))
