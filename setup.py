@@ -31,5 +31,6 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.10"],
         "parquet": ["pyarrow>=15"],
         "gpu": ["jax[cuda13]==0.11.2"],
+        "tpu": ["jax[tpu]==0.11.2"],
     },
 )
