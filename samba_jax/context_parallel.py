@@ -24,7 +24,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from samba_jax import sharding
 from samba_jax.ops.attention import sliding_window_attention

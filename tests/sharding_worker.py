@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from samba_jax import context_parallel, sharding
 from samba_jax.config import ModelConfig
@@ -78,8 +78,7 @@ def context_ops():
 
     def on_mesh(fn):
         def run(*xs):
-            with jax.set_mesh(mesh), jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
-                    __import__("flax.linen", fromlist=["x"]).logical_axis_rules(sharding.DEFAULT_RULES):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
                 return jax.jit(fn)(*xs)
         return run
 

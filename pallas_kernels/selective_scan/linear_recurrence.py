@@ -12,7 +12,6 @@ pinned by the exact jax version in setup.py; tests/pallas_kernels checks both pa
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
