@@ -15,6 +15,7 @@ import flax.linen as nn
 from samba_jax import context_parallel
 from samba_jax.config import ModelConfig
 from samba_jax.model.layers import Dense, apply_rotary
+from samba_jax.model.mamba import DECODE_STATE
 
 
 class Attention(nn.Module):
@@ -37,6 +38,8 @@ class Attention(nn.Module):
         q = apply_rotary(q, positions, cfg.rope_base)
         k = apply_rotary(k, positions, cfg.rope_base)
 
+        if self.is_mutable_collection(DECODE_STATE):  # prefill: the rotated keys and values, for the KV cache
+            self.sow(DECODE_STATE, "kv", {"k": k, "v": v}, reduce_fn=lambda _, new: new, init_fn=lambda: None)
         o = context_parallel.sliding_window_attention_on_mesh(
             q, k, v, self.window, implementation=cfg.attention_implementation or None,
             block_size=cfg.attention_block or None)

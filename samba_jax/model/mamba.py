@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from samba_jax import context_parallel
+from samba_jax import context_parallel, ops
 from samba_jax.config import ModelConfig
 from samba_jax.model.layers import Dense, uniform_init
 
@@ -52,6 +52,10 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> j
     return out + bias
 
 
+# Flax collection that a prefill marks mutable to receive each layer's decoding state (generate.py).
+DECODE_STATE = "decode_state"
+
+
 class MambaMixer(nn.Module):
     """Mamba-1 mixer. x: (batch, seq, d_model) float32 -> (batch, seq, d_model) in compute dtype."""
 
@@ -85,7 +89,15 @@ class MambaMixer(nn.Module):
         d_skip = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("ssm_inner",)),
                             (di,), jnp.float32)
 
-        y = context_parallel.selective_scan_on_mesh(
-            u, delta, -jnp.exp(a_log), b, c, D=d_skip, z=z, delta_bias=dt_bias, delta_softplus=True,
-            implementation=cfg.scan_implementation or None, chunk_size=cfg.scan_chunk)
+        scan_args = (u, delta, -jnp.exp(a_log), b, c)
+        scan_kwargs = dict(D=d_skip, z=z, delta_bias=dt_bias, delta_softplus=True,
+                           implementation=cfg.scan_implementation or None, chunk_size=cfg.scan_chunk)
+        if self.is_mutable_collection(DECODE_STATE):  # prefill for generation: keep what decoding needs
+            y, final = ops.selective_scan(*scan_args, **scan_kwargs, return_final_state=True)
+            tail = cfg.ssm_conv - 1  # the conv's inputs from before the next token, oldest first
+            conv = jnp.pad(x_in.astype(jnp.float32), ((0, 0), (max(0, tail - x_in.shape[1]), 0), (0, 0)))
+            self.sow(DECODE_STATE, "mamba", {"conv": conv[:, conv.shape[1] - tail:], "h": final},
+                     reduce_fn=lambda _, new: new, init_fn=lambda: None)
+        else:
+            y = context_parallel.selective_scan_on_mesh(*scan_args, **scan_kwargs)
         return Dense(cfg.d_model, ("ssm_inner", "embed"), dtype, self.out_scale, name="out_proj")(y)

@@ -19,7 +19,7 @@ from samba_jax.config import ModelConfig
 from samba_jax.sharding import constrain
 from samba_jax.model.attention import Attention
 from samba_jax.model.layers import Dense, Embedding, RMSNorm, SwiGLU
-from samba_jax.model.mamba import MambaMixer
+from samba_jax.model.mamba import DECODE_STATE, MambaMixer
 
 REMAT_POLICIES = {
     "block": None,  # save only the block's input, recompute everything else
@@ -75,7 +75,7 @@ class SambaLM(nn.Module):
             block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
         blocks = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, DECODE_STATE: 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast,),
             length=cfg.num_repeats,
