@@ -24,6 +24,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "safetensors>=0.4",
     ],
     extras_require={
         # The test extra pulls the optional readers so CI exercises them (TensorFlow is never needed).

@@ -211,54 +211,20 @@ def _step_and_sample(cfg, params, state, logits, key, forced_token, is_forced, *
     return token, logits, state
 
 
-def load_workdir(workdir: str, step: int | None = None) -> tuple[Any, ModelConfig, Any, int]:
-    """(run config, model config, float32 params, step) from a training workdir's config.json and
-    its newest (or given) checkpoint. Raises ConfigFileError naming what is missing."""
-    import json
-    import os
-
-    import flax.linen as nn
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from samba_jax.config import ConfigFileError
-    from samba_jax.trainer import abstract_boxed_state, make_optimizer
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigFileError(f"--checkpoint={workdir} holds no config.json; point it at a training workdir "
-                              f"(the --workdir of python -m samba_jax.train).")
-    with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    cfg = ModelConfig.from_config(config.model)
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise ConfigFileError(f"{workdir}/checkpoints has no checkpoint{'' if step is None else f' at step {step}'}"
-                              f" (steps: {list(manager.all_steps())}); train first or pick another --step.")
-    tx, _ = make_optimizer(config.optimizer, config.num_train_steps)
-    abstract = nn.unbox(abstract_boxed_state(cfg, tx))
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    manager.close()
-    return config, cfg, restored["state"]["params"], step
-
-
 def main(argv: Sequence[str]) -> None:  # pragma: no cover - exercised through the CLI test
     import sys
 
-    from absl import flags
+    from absl import flags, logging
 
-    from samba_jax.data import pipeline
-
-    from absl import logging
-
+    from samba_jax import export
     from samba_jax.config import ConfigError
+    from samba_jax.data import pipeline
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
     f = flags.FLAGS
     try:
-        config, cfg, params, step = load_workdir(f.checkpoint, f.step)
+        config, cfg, params, step = export.restore_params(f.checkpoint, f.step)
     except ConfigError as e:
         print(f"ERROR ({type(e).__name__}): {e}", file=sys.stderr)
         sys.exit(2)
