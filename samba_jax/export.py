@@ -183,10 +183,9 @@ def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: 
     else:
         from safetensors.numpy import save_file
 
-        tensors = to_reference(cfg, params)
-        if cfg.tie_embeddings:  # safetensors stores shared tensors once; the reference ties them on load
-            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-        save_file({k: np.asarray(v) for k, v in tensors.items()}, os.path.join(output, "model.safetensors"),
+        # A tied head is stored twice (as PyTorch's state_dict lists it), so a strict load_state_dict finds both.
+        tensors = {k: np.array(v) for k, v in to_reference(cfg, params).items()}
+        save_file(tensors, os.path.join(output, "model.safetensors"),
                   metadata={"format": "pt", "layout": "microsoft/Samba lit_gpt"})
         with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
             json.dump(reference_config(cfg), f, indent=2)
