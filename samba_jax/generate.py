@@ -6,8 +6,9 @@ The state per scanned repeat is, for each Mamba sublayer, the last d_conv - 1 co
 constant in the number of tokens generated and in the prompt length. The prefill is the training
 model itself (scan kernel, attention op) with the `decode_state` collection mutable; the step
 re-applies the same Flax layers to one token (`Dense`, `RMSNorm`, `SwiGLU`), so the math is shared.
-Prompts of different lengths: the shortest is prefilled for all rows at once, the rest of each
-longer prompt is fed through decoding steps (its tokens forced instead of sampled).
+Prompts are prefilled in chunks that carry the state (so a prompt of any length needs the memory
+of one chunk). Prompts of different lengths: the shortest is prefilled for all rows at once, the
+rest of each longer prompt is fed through decoding steps (its tokens forced instead of sampled).
 
 CLI: `python -m samba_jax.generate --checkpoint=WORKDIR --prompt="def fib(n):" --max_new_tokens=64`.
 """
@@ -35,42 +36,66 @@ def cache_length(cfg: ModelConfig, kind: str, max_len: int) -> int:
     return min(cfg.window, max_len) if kind == "swa" else max_len
 
 
-def _ring(kv: jax.Array, length: int, slots: int) -> jax.Array:
-    """(repeats, batch, length, ...) keys -> (repeats, batch, slots, ...): slot s holds the latest
-    position p < length with p % slots == s (zeros where no such position exists)."""
-    s = np.arange(slots)
-    pos = (length - 1) - ((length - 1 - s) % slots)
-    taken = jnp.take(kv, jnp.asarray(np.maximum(pos, 0)), axis=2)
-    return jnp.where(jnp.asarray(pos >= 0).reshape((1, 1, slots) + (1,) * (kv.ndim - 3)), taken, 0)
+def _ring_positions(end: jax.Array, slots: int, batch: int) -> jax.Array:
+    """(batch, slots): the position slot s holds after positions < end were written (-1: none yet)."""
+    s = jnp.arange(slots)
+    pos = (end - 1) - ((end - 1 - s) % slots)
+    return jnp.broadcast_to(jnp.where(pos >= 0, pos, -1), (batch, slots)).astype(jnp.int32)
 
 
-def _ring_positions(length: int, slots: int, batch: int) -> jax.Array:
-    s = np.arange(slots)
-    pos = (length - 1) - ((length - 1 - s) % slots)
-    return jnp.asarray(np.broadcast_to(np.where(pos >= 0, pos, -1), (batch, slots)), jnp.int32)
+def _ring(kv: jax.Array, first: jax.Array, end: jax.Array, slots: int) -> jax.Array:
+    """Keys of positions first .. end - 1, (repeats, batch, end - first, ...) -> the ring buffer
+    (repeats, batch, slots, ...) where slot s holds the latest position p < end with p % slots == s."""
+    pos = _ring_positions(end, slots, 1)[0]
+    taken = jnp.take(kv, jnp.clip(pos - first, 0, kv.shape[2] - 1), axis=2)
+    return jnp.where((pos >= 0).reshape((1, 1, slots) + (1,) * (kv.ndim - 3)), taken, 0)
 
 
-def prefill(cfg: ModelConfig, params: Any, tokens: jax.Array, max_len: int) -> tuple[jax.Array, dict]:
-    """Runs the prompt (batch, length) through the parallel model.
+def prefill(cfg: ModelConfig, params: Any, tokens: jax.Array, max_len: int, state: dict | None = None,
+            seen: dict[str, int] | None = None) -> tuple[jax.Array, dict]:
+    """Runs a prompt chunk (batch, length) through the parallel model.
 
-    Returns the last position's logits (batch, vocab) float32 and the decoding state for positions
-    length .. max_len - 1.
+    Without `state` the chunk starts the sequence; with the state of earlier chunks it continues
+    them (chunked prefill: memory bounded by the chunk, whatever the prompt's length). `seen`
+    (static) gives, per attention kind, how many earlier keys the chunk can see:
+    min(tokens so far, cache slots) (see `prefill_seen`). Returns the last position's logits (batch,
+    vocab) float32 and the decoding state for the positions after the chunk, up to max_len - 1.
     """
     batch, length = tokens.shape
-    logits, variables = SambaLM(cfg).apply({"params": params}, tokens, mutable=[DECODE_STATE])
-    sown = variables[DECODE_STATE]["blocks"]
+    start = jnp.zeros((), jnp.int32) if state is None else state["position"][0]
+    variables = {"params": params}
+    if state is not None:
+        previous = {}
+        for name, st in state["layers"].items():
+            if name.startswith("mamba"):
+                previous[name] = {"previous": st}
+            else:
+                slots, n = st["k"].shape[2], seen[name.split("_")[0]]
+                order = (jnp.arange(n) + start - n) % slots  # the last n positions, oldest first
+                previous[name] = {"previous": {"k": jnp.take(st["k"], order, axis=2),
+                                               "v": jnp.take(st["v"], order, axis=2)}}
+        variables[DECODE_STATE] = {"blocks": previous}
+    positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), tokens.shape)
+    logits, out = SambaLM(cfg).apply(variables, tokens, positions, mutable=[DECODE_STATE])
+    sown = out[DECODE_STATE]["blocks"]
+    end = start + length
     layers = {}
     for i, kind in enumerate(cfg.pattern):
         if kind == "mamba":
             layers[f"mamba_{i}"] = sown[f"mamba_{i}"]["mamba"]
         elif kind in ("swa", "attn"):
-            kv = sown[f"{kind}_{i}"]["kv"]
+            kv = sown[f"{kind}_{i}"]["kv"]  # positions end - kv_len .. end - 1
             slots = cache_length(cfg, kind, max_len)
-            layers[f"{kind}_{i}"] = {name: _ring(kv[name], length, slots) for name in ("k", "v")}
-    positions = {kind: _ring_positions(length, cache_length(cfg, kind, max_len), batch)
+            layers[f"{kind}_{i}"] = {n: _ring(kv[n], end - kv[n].shape[2], end, slots) for n in ("k", "v")}
+    positions = {kind: _ring_positions(end, cache_length(cfg, kind, max_len), batch)
                  for kind in ("swa", "attn") if kind in cfg.pattern}
-    state = {"layers": layers, "slot_positions": positions, "position": jnp.full((batch,), length, jnp.int32)}
+    state = {"layers": layers, "slot_positions": positions, "position": jnp.full((batch,), end, jnp.int32)}
     return logits[:, -1], state
+
+
+def prefill_seen(cfg: ModelConfig, start: int, max_len: int) -> dict[str, int]:
+    """Earlier keys visible to a chunk starting at `start`, per attention kind (for `prefill`)."""
+    return {kind: min(start, cache_length(cfg, kind, max_len)) for kind in ("swa", "attn")}
 
 
 def _mamba_step(cfg: ModelConfig, p: Any, x: jax.Array, st: dict) -> tuple[jax.Array, dict]:
@@ -168,8 +193,12 @@ def sample(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: i
 
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_tokens: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             stop_tokens: Sequence[int] = (), on_token: Callable[[int, int], None] | None = None,
+             prefill_chunk: int = 4096) -> list[list[int]]:
     """Continues each prompt (token ids, at least one each) by up to max_new_tokens tokens.
+
+    The prompts are prefilled `prefill_chunk` tokens at a time (0: all at once), so a prompt of any
+    length fits in the memory of one chunk.
 
     Generation of a row ends at a token in stop_tokens (included in its output). on_token(row,
     token) is called for each generated token as it is produced (for streaming). Returns the new
@@ -182,7 +211,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
     padded = np.zeros((len(prompts), total), np.int32)
     for row, p in enumerate(prompts):
         padded[row, :len(p)] = p
-    logits, state = jax.jit(functools.partial(prefill, cfg, max_len=total))(params, jnp.asarray(padded[:, :first]))
+    logits, state = prefill_chunks(cfg, params, jnp.asarray(padded[:, :first]), total, prefill_chunk)
     step = jax.jit(functools.partial(_step_and_sample, cfg, temperature=temperature, top_k=top_k, top_p=top_p),
                    donate_argnums=1)
     key = jax.random.key(seed)
@@ -203,6 +232,30 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
         if done.all():
             break
     return outputs
+
+
+def prefill_chunks(cfg: ModelConfig, params: Any, tokens: jax.Array, max_len: int, chunk: int = 4096
+                   ) -> tuple[jax.Array, dict]:
+    """`prefill` of (batch, length) tokens in chunks of `chunk` (0: one piece); one compile per
+    distinct (chunk length, visible earlier keys)."""
+    length = tokens.shape[1]
+    chunk = chunk or length
+    run = jax.jit(functools.partial(prefill, cfg, max_len=max_len), static_argnames=("seen",))
+    logits, state = run(params, tokens[:, :chunk])
+    for start in range(chunk, length, chunk):
+        seen = tuple(sorted(prefill_seen(cfg, start, max_len).items()))
+        logits, state = run(params, tokens[:, start:start + chunk], state=state, seen=_Seen(seen))
+    return logits, state
+
+
+class _Seen(dict):
+    """A hashable dict, so jit can take it as a static argument."""
+
+    def __init__(self, items):
+        super().__init__(items)
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items())))
 
 
 def _step_and_sample(cfg, params, state, logits, key, forced_token, is_forced, *, temperature, top_k, top_p):
@@ -245,7 +298,8 @@ def main(argv: Sequence[str]) -> None:  # pragma: no cover - exercised through t
         shown = text
 
     generate(cfg, params, [prompt], f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-             seed=f.seed, stop_tokens=[tokenizer.eos_id] if f.stop_at_eos else [], on_token=on_token)
+             seed=f.seed, stop_tokens=[tokenizer.eos_id] if f.stop_at_eos else [], on_token=on_token,
+             prefill_chunk=f.prefill_chunk)
     sys.stdout.write("\n")
 
 
@@ -261,5 +315,6 @@ if __name__ == "__main__":
     flags.DEFINE_float("top_p", 1.0, "Sample within this much probability mass (1: all).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_bool("stop_at_eos", True, "Stop at the end-of-document token.")
+    flags.DEFINE_integer("prefill_chunk", 4096, "Prompt tokens per prefill pass (0: the whole prompt at once).")
     flags.mark_flags_as_required(["checkpoint"])
     app.run(main)

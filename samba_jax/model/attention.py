@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from samba_jax import context_parallel
+from samba_jax import context_parallel, ops
 from samba_jax.config import ModelConfig
 from samba_jax.model.layers import Dense, apply_rotary
 from samba_jax.model.mamba import DECODE_STATE
@@ -38,10 +38,19 @@ class Attention(nn.Module):
         q = apply_rotary(q, positions, cfg.rope_base)
         k = apply_rotary(k, positions, cfg.rope_base)
 
-        if self.is_mutable_collection(DECODE_STATE):  # prefill: the rotated keys and values, for the KV cache
+        options = dict(implementation=cfg.attention_implementation or None, block_size=cfg.attention_block or None)
+        if self.is_mutable_collection(DECODE_STATE):  # prefill for generation
+            previous = self.get_variable(DECODE_STATE, "previous") if self.has_variable(DECODE_STATE,
+                                                                                         "previous") else None
+            if previous is not None:  # a later chunk: the earlier keys it can see, oldest first, come first
+                k = jnp.concatenate([previous["k"].astype(k.dtype), k], axis=1)
+                v = jnp.concatenate([previous["v"].astype(v.dtype), v], axis=1)
+                seen = previous["k"].shape[1]
+                q = jnp.concatenate([jnp.zeros((batch, seen, h, hd), q.dtype), q], axis=1)
+            # The rotated keys and values (earlier ones first), from which generate.py builds the KV cache.
             self.sow(DECODE_STATE, "kv", {"k": k, "v": v}, reduce_fn=lambda _, new: new, init_fn=lambda: None)
-        o = context_parallel.sliding_window_attention_on_mesh(
-            q, k, v, self.window, implementation=cfg.attention_implementation or None,
-            block_size=cfg.attention_block or None)
+            o = ops.sliding_window_attention(q, k, v, self.window, **options)[:, q.shape[1] - seq:]
+        else:
+            o = context_parallel.sliding_window_attention_on_mesh(q, k, v, self.window, **options)
         return Dense(cfg.d_model, ("heads", "embed"), dtype, self.out_scale, name="o_proj")(
             o.reshape(batch, seq, h * hd))

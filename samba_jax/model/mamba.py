@@ -77,7 +77,12 @@ class MambaMixer(nn.Module):
             uniform_init(conv_bound), ("conv_width", "ssm_inner")), (cfg.ssm_conv, di), jnp.float32)
         conv_bias = self.param("conv_bias", nn.with_logical_partitioning(
             uniform_init(conv_bound), ("ssm_inner",)), (di,), jnp.float32)
-        u = nn.silu(causal_depthwise_conv(x_in, conv_kernel, conv_bias)).astype(dtype)
+        tail = cfg.ssm_conv - 1  # conv inputs a chunk needs from before it
+        previous = self.get_variable(DECODE_STATE, "previous") if self.has_variable(DECODE_STATE, "previous") else None
+        if previous is not None:  # a later prefill chunk: the conv sees the previous chunk's last inputs
+            x_in = jnp.concatenate([previous["conv"].astype(x_in.dtype), x_in], axis=1)
+        conv_out = causal_depthwise_conv(x_in, conv_kernel, conv_bias)
+        u = nn.silu(conv_out if previous is None else conv_out[:, tail:]).astype(dtype)
 
         x_dbl = Dense(rank + 2 * n, ("ssm_inner", "ssm_proj"), dtype, name="x_proj")(u)
         dt_low, b, c = jnp.split(x_dbl, [rank, rank + n], axis=-1)
@@ -93,8 +98,9 @@ class MambaMixer(nn.Module):
         scan_kwargs = dict(D=d_skip, z=z, delta_bias=dt_bias, delta_softplus=True,
                            implementation=cfg.scan_implementation or None, chunk_size=cfg.scan_chunk)
         if self.is_mutable_collection(DECODE_STATE):  # prefill for generation: keep what decoding needs
-            y, final = ops.selective_scan(*scan_args, **scan_kwargs, return_final_state=True)
-            tail = cfg.ssm_conv - 1  # the conv's inputs from before the next token, oldest first
+            initial = None if previous is None else previous["h"]
+            y, final = ops.selective_scan(*scan_args, **scan_kwargs, initial_state=initial, return_final_state=True)
+            # The conv's inputs from before the next token, oldest first (zeros before the sequence).
             conv = jnp.pad(x_in.astype(jnp.float32), ((0, 0), (max(0, tail - x_in.shape[1]), 0), (0, 0)))
             self.sow(DECODE_STATE, "mamba", {"conv": conv[:, conv.shape[1] - tail:], "h": final},
                      reduce_fn=lambda _, new: new, init_fn=lambda: None)
