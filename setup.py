@@ -33,5 +33,7 @@ setup(
         "parquet": ["pyarrow>=15"],
         "gpu": ["jax[cuda13]==0.11.2"],
         "tpu": ["jax[tpu]==0.11.2"],
+        # Logit-parity tests against transformers (tests/test_hf_convert.py skip without them).
+        "interop": ["torch>=2.4", "transformers>=4.46"],
     },
 )

@@ -14,7 +14,9 @@ Reference layout (samba_reference.md): one reference block is a mixer and an MLP
 must be (mixer, "mlp") pairs: Samba's "mamba,mlp,swa,mlp" repeat i is blocks 2i (Mamba) and 2i+1
 (SWA). Linear weights are (out, in), the transpose of our kernels; conv1d.weight is
 (d_inner, 1, d_conv); the fused QKV rows are grouped per KV group as [q_0 .. q_{g-1}, k, v].
-TODO(issue 7): Hugging Face MambaForCausalLM / LlamaForCausalLM layouts for the baseline configs.
+- `hf`: OUT/model.safetensors and OUT/config.json in transformers' layout, for the baseline
+  patterns (MambaForCausalLM, LlamaForCausalLM, MistralForCausalLM; see hf_convert.py); `load`
+  also reads such directories published by others.
 """
 
 from __future__ import annotations
@@ -165,12 +167,26 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ModelCon
 
 def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: str = "float32") -> str:
     """Writes an export of `workdir`'s checkpoint into `output` (which must not exist); returns it."""
-    if fmt not in ("orbax", "safetensors"):
-        raise ConfigError(f"--format={fmt!r} is not a format. Fix: use orbax or safetensors.")
+    if fmt not in ("orbax", "safetensors", "hf"):
+        raise ConfigError(f"--format={fmt!r} is not a format. Fix: use orbax, safetensors or hf.")
     if os.path.exists(output):
         raise ConfigFileError(f"--output={output} already exists; exports never overwrite. Fix: pick a new path.")
     _, cfg, params, _ = restore_params(workdir, step)
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    if fmt == "hf":
+        from safetensors.numpy import save_file
+
+        from samba_jax import hf_convert
+
+        tensors, hf_config = hf_convert.to_hf(cfg, params)
+        os.makedirs(output)
+        save_file({k: np.array(v) for k, v in tensors.items()}, os.path.join(output, "model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        return output
+    # A tied head is stored twice (as PyTorch's state_dict lists it), so a strict load_state_dict finds both.
+    tensors = {k: np.array(v) for k, v in to_reference(cfg, params).items()} if fmt == "safetensors" else None
     os.makedirs(output)
     with open(os.path.join(output, "model_config.json"), "w", encoding="utf-8") as f:
         json.dump(_model_config_dict(cfg), f, indent=2)
@@ -183,8 +199,6 @@ def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: 
     else:
         from safetensors.numpy import save_file
 
-        # A tied head is stored twice (as PyTorch's state_dict lists it), so a strict load_state_dict finds both.
-        tensors = {k: np.array(v) for k, v in to_reference(cfg, params).items()}
         save_file(tensors, os.path.join(output, "model.safetensors"),
                   metadata={"format": "pt", "layout": "microsoft/Samba lit_gpt"})
         with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
@@ -211,6 +225,19 @@ def load(path: str, step: int | None = None) -> Model:
         _, cfg, params, _ = restore_params(path, step)
         return Model(cfg, params)
     config_path = os.path.join(path, "model_config.json")
+    hf_config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path) and os.path.isfile(hf_config_path):  # a transformers directory
+        from safetensors.numpy import load_file
+
+        from samba_jax import hf_convert
+
+        with open(hf_config_path, encoding="utf-8") as f:
+            hf_config = json.load(f)
+        tensors = {}
+        for name in sorted(os.listdir(path)):  # one file or shards
+            if name.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(path, name)))
+        return Model(*hf_convert.from_hf(hf_config, tensors))
     if not os.path.isfile(config_path):
         raise ConfigFileError(f"{path} is neither a training workdir (checkpoints/) nor an export "
                               f"(model_config.json). Fix: pass one of those directories.")
@@ -248,7 +275,8 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "Training workdir to export.")
     flags.DEFINE_string("output", None, "New directory for the export.")
-    flags.DEFINE_enum("format", "safetensors", ["orbax", "safetensors"], "Export format.")
+    flags.DEFINE_enum("format", "safetensors", ["orbax", "safetensors", "hf"], "Export format (hf: "
+                      "transformers' layout, for mamba / attn,mlp / swa,mlp patterns).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
     flags.mark_flags_as_required(["workdir", "output"])

@@ -107,3 +107,9 @@ def test_the_cli_writes_bfloat16_safetensors(trained_workdir, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "samba_jax.export", f"--workdir={tmp_path}/none",
                               f"--output={tmp_path}/x"], cwd=root, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no config.json" in missing.stderr
+
+
+def test_patterns_without_a_layout_leave_no_directory(trained_workdir, tmp_path):
+    with pytest.raises(ConfigError, match="no Hugging Face layout"):
+        export.export(trained_workdir, str(tmp_path / "hf"), "hf")
+    assert not os.path.exists(tmp_path / "hf")
