@@ -5,7 +5,8 @@ the current token: the Samba reference's window 2048 is flash-attn's window_size
 window=None is full causal attention. Implementations are picked by name: "reference" is dense
 and obviously right (the test oracle); "banded" is blocked XLA whose memory is
 O(seq * (window + block)), never seq x seq; "cudnn" is cuDNN's fused flash attention with a local
-window (NVIDIA GPUs, bfloat16/float16; other dtypes fall back to "banded"). Logits, softmax and accumulation run in float32;
+window (NVIDIA GPUs, bfloat16/float16; other dtypes fall back to "banded"); "splash" is jax's TPU
+splash attention kernel with a causal band mask (TPU; Pallas interpret mode elsewhere, for tests). Logits, softmax and accumulation run in float32;
 the output has q's dtype. `sliding_window_attention_decode` serves one new token per sequence
 against a ring-buffer KV cache during generation.
 """
@@ -156,17 +157,25 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block_size: in
     return out[:, :seq]
 
 
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block_size: int | None) -> jax.Array:
+    from samba_jax.ops.splash_attention import splash_attention  # TPU kernels: imported when used
+
+    return splash_attention(q, k, v, window, block_size)
+
+
 # Name -> implementation(q, k, v, window, block_size); window already clipped to [1, seq].
 _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "reference": _reference,
     "banded": _banded,
     "cudnn": _cudnn,
+    "splash": _splash,
 }
 
 
 def _default_implementation() -> str:
-    """cuDNN on NVIDIA GPUs (it is the fastest measured there, BENCHMARKS.md), else blocked XLA."""
-    return "cudnn" if jax.default_backend() == "gpu" else "banded"
+    """cuDNN on NVIDIA GPUs (the fastest measured there, BENCHMARKS.md), splash on TPU (block-sparse
+    band; not yet measured on a TPU), else blocked XLA."""
+    return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "banded")
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None,
@@ -184,6 +193,8 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: i
     name = _default_implementation() if implementation is None else implementation
     if name not in _IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {sorted(_IMPLEMENTATIONS)} or None, got {name!r}")
+    if name == "splash" and jax.default_backend() == "gpu":
+        raise ValueError("implementation='splash' is a TPU kernel; on a GPU use 'cudnn' or None")
     if name == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, but the default backend is "
                          f"{jax.default_backend()!r}; use 'banded' or None (the platform's best)")

@@ -269,3 +269,20 @@ def test_bad_inputs_raise_value_error(kind):
     call, match = _bad_call(kind)
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.skipif(_ON_GPU, reason="splash is a TPU kernel (interpret mode off GPU)")
+@pytest.mark.parametrize("seq,q_heads,kv_heads,window,dtype", [
+    (50, 4, 2, 1, jnp.float32), (130, 4, 1, 17, jnp.float32), (200, 4, 4, 128, jnp.float32),
+    (129, 8, 2, 129, jnp.float32), (140, 4, 2, 33, jnp.bfloat16)])
+def test_splash_matches_reference_values_and_grads(seq, q_heads, kv_heads, window, dtype):
+    q, k, v, ct = _inputs(seq + window, 1, seq, q_heads, kv_heads, 64, dtype=dtype)
+    out_s, grads_s = _out_and_grads(q, k, v, ct, window, "splash", None)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    out_r, grads_r = _out_and_grads(*f32, window, "reference", None)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    assert out_s.dtype == dtype
+    np.testing.assert_allclose(out_s.astype(jnp.float32), out_r, rtol=tol, atol=tol)
+    for name, gs, gr in zip("qkv", grads_s, grads_r):
+        scale = float(jnp.abs(gr).max())
+        np.testing.assert_allclose(gs.astype(jnp.float32), gr, rtol=0, atol=tol * max(scale, 1), err_msg=name)
