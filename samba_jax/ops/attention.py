@@ -6,7 +6,9 @@ window=None is full causal attention. Implementations are picked by name: "refer
 and obviously right (the test oracle); "banded" is blocked XLA whose memory is
 O(seq * (window + block)), never seq x seq; "cudnn" is cuDNN's fused flash attention with a local
 window (NVIDIA GPUs, bfloat16/float16; other dtypes fall back to "banded"); "splash" is jax's TPU
-splash attention kernel with a causal band mask (TPU; Pallas interpret mode elsewhere, for tests). Logits, softmax and accumulation run in float32;
+splash attention kernel with a causal band mask (TPU; Pallas interpret mode elsewhere, for tests);
+"pallas" is our flash-style kernel (pallas_kernels/sliding_window_attention; GPU via Triton,
+interpret mode on CPU; not yet measured against cuDNN, so not a default). Logits, softmax and accumulation run in float32;
 the output has q's dtype. `sliding_window_attention_decode` serves one new token per sequence
 against a ring-buffer KV cache during generation.
 """
@@ -163,12 +165,19 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block_size: i
     return splash_attention(q, k, v, window, block_size)
 
 
+def _pallas(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block_size: int | None) -> jax.Array:
+    from pallas_kernels.sliding_window_attention import sliding_window_attention as pallas_attention
+
+    return pallas_attention(q, k, v, window, block_q=block_size, block_k=block_size)
+
+
 # Name -> implementation(q, k, v, window, block_size); window already clipped to [1, seq].
 _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "reference": _reference,
     "banded": _banded,
     "cudnn": _cudnn,
     "splash": _splash,
+    "pallas": _pallas,
 }
 
 

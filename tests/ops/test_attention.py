@@ -286,3 +286,20 @@ def test_splash_matches_reference_values_and_grads(seq, q_heads, kv_heads, windo
     for name, gs, gr in zip("qkv", grads_s, grads_r):
         scale = float(jnp.abs(gr).max())
         np.testing.assert_allclose(gs.astype(jnp.float32), gr, rtol=0, atol=tol * max(scale, 1), err_msg=name)
+
+
+@pytest.mark.parametrize("seq,block,q_heads,kv_heads,window,dtype", [
+    (50, 16, 4, 2, 1, jnp.float32), (50, 16, 4, 2, 17, jnp.float32), (100, 32, 4, 1, 99, jnp.float32),
+    (70, 16, 4, 4, 70, jnp.float32), (33, 16, 2, 2, 80, jnp.float32), (64, 16, 8, 2, 20, jnp.float32),
+    (45, 16, 4, 2, 9, jnp.bfloat16)])
+def test_pallas_matches_reference_values_and_grads(seq, block, q_heads, kv_heads, window, dtype):
+    q, k, v, ct = _inputs(seq + window, 2, seq, q_heads, kv_heads, 16, dtype=dtype)
+    out_p, grads_p = _out_and_grads(q, k, v, ct, window, "pallas", block)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    out_r, grads_r = _out_and_grads(*f32, window, "reference", None)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    assert out_p.dtype == dtype and out_p.shape == q.shape
+    np.testing.assert_allclose(out_p.astype(jnp.float32), out_r, rtol=tol, atol=tol)
+    for name, gp, gr in zip("qkv", grads_p, grads_r):
+        scale = float(jnp.abs(gr).max())
+        np.testing.assert_allclose(gp.astype(jnp.float32), gr, rtol=0, atol=tol * max(scale, 1), err_msg=name)
