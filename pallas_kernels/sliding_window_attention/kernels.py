@@ -41,15 +41,15 @@ def _key_blocks(q_start, block_q, block_k, window):
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, window, seq, block_q, block_k):
     q_start = pl.program_id(2) * block_q
-    q = q_ref[...].astype(F32) * scale  # (block_q, head_dim)
+    q = q_ref[...]  # (block_q, head_dim), native dtype: the dots run on tensor cores, accumulating in f32
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
 
     def body(j, carry):
         m, l, acc = carry
         k_start = j * block_k
-        k = k_ref[pl.ds(k_start, block_k), :].astype(F32)
+        k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
-        s = jnp.dot(q, k.T)  # (block_q, block_k)
+        s = jnp.dot(q, k.T, preferred_element_type=F32) * scale  # (block_q, block_k)
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
         s = jnp.where(_band_mask(q_pos, k_pos, window, seq), s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -70,7 +70,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, window, seq, 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, scale, window, seq,
                 block_q, block_k, group, num_q_blocks):
     k_start = pl.program_id(2) * block_k
-    k = k_ref[...].astype(F32)  # (block_k, head_dim)
+    k = k_ref[...]  # (block_k, head_dim)
     v = v_ref[...]
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
     # Query blocks that can see this key block: queries k_start .. k_start + block_k - 1 + window - 1.
@@ -81,17 +81,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         def body(i, carry):
             dk, dv = carry
             q_start = i * block_q
-            q = q_ref[g, pl.ds(q_start, block_q), :].astype(F32)
+            q = q_ref[g, pl.ds(q_start, block_q), :]
             do = do_ref[g, pl.ds(q_start, block_q), :]
             lse = lse_ref[g, pl.ds(q_start, block_q)][:, None]
             delta = delta_ref[g, pl.ds(q_start, block_q)][:, None]
             q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-            s = jnp.dot(q * scale, k.T)
+            s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
             p = jnp.where(_band_mask(q_pos, k_pos, window, seq), jnp.exp(s - lse), 0.0)  # (block_q, block_k)
             dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=F32)
-            dp = jnp.dot(do.astype(F32), v.astype(F32).T)
+            dp = jnp.dot(do, v.T, preferred_element_type=F32)
             ds = p * (dp - delta)
-            dk = dk + jnp.dot(ds.T, q) * scale
+            dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=F32) * scale
             return dk, dv
 
         return lax.fori_loop(first, last, body, carry)
@@ -104,21 +104,21 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, window, seq, block_q, block_k):
     q_start = pl.program_id(2) * block_q
-    q = q_ref[...].astype(F32)
-    do = do_ref[...].astype(F32)
+    q = q_ref[...]
+    do = do_ref[...]
     lse = lse_ref[...][:, None]
     delta = delta_ref[...][:, None]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
 
     def body(j, dq):
         k_start = j * block_k
-        k = k_ref[pl.ds(k_start, block_k), :].astype(F32)
-        v = v_ref[pl.ds(k_start, block_k), :].astype(F32)
+        k = k_ref[pl.ds(k_start, block_k), :]
+        v = v_ref[pl.ds(k_start, block_k), :]
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-        s = jnp.dot(q * scale, k.T)
+        s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
         p = jnp.where(_band_mask(q_pos, k_pos, window, seq), jnp.exp(s - lse), 0.0)
-        ds = p * (jnp.dot(do, v.T) - delta)
-        return dq + jnp.dot(ds, k) * scale
+        ds = p * (jnp.dot(do, v.T, preferred_element_type=F32) - delta)
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=F32) * scale
 
     first, last = _key_blocks(q_start, block_q, block_k, window)
     dq = lax.fori_loop(first, last, body, jnp.zeros(q.shape, F32))
