@@ -39,7 +39,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, positions, cfg.rope_base)
 
         options = dict(implementation=cfg.attention_implementation or None, block_size=cfg.attention_block or None)
-        if self.is_mutable_collection(DECODE_STATE):  # prefill for generation
+        if self.is_mutable_collection(DECODE_STATE) and not self.is_initializing():  # prefill for generation
             previous = self.get_variable(DECODE_STATE, "previous") if self.has_variable(DECODE_STATE,
                                                                                          "previous") else None
             if previous is not None:  # a later chunk: the earlier keys it can see, oldest first, come first
