@@ -73,29 +73,24 @@ def _reference(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block_size
     return jnp.einsum("bhqk,bkhd->bqhd", probs, vf).astype(q.dtype)
 
 
-def _banded_core(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block: int) -> jax.Array:
-    batch, seq, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    group = q_heads // kv_heads
-    n_q = -(-seq // block)
-    # Key blocks per query block: its own plus enough earlier ones to reach i - window + 1 for its
-    # first query; clipped to n_q so a window beyond seq costs no more than blocked causal attention.
-    n_k = min(-(-(window - 1) // block) + 1, n_q)
-    tail = n_q * block - seq
-    lead = (n_k - 1) * block
+# Query blocks are processed in groups whose float32 band logits stay under this many elements
+# (1 GiB), so memory does not grow with the sequence: long sequences loop over groups.
+_BAND_LOGITS_BUDGET = 1 << 28
 
-    q = jnp.pad(q, ((0, 0), (0, tail), (0, 0), (0, 0)))
-    k = jnp.pad(k, ((0, 0), (lead, tail), (0, 0), (0, 0)))  # left pad: block 0 has a full band too
-    v = jnp.pad(v, ((0, 0), (lead, tail), (0, 0), (0, 0)))
-    # GQA without repeating K/V: the group axis rides along in the einsums.
-    q_blocks = q.reshape(batch, n_q, block, kv_heads, group, head_dim)
-    k_blocks = k.reshape(batch, n_q + n_k - 1, block, kv_heads, head_dim)
-    v_blocks = v.reshape(batch, n_q + n_k - 1, block, kv_heads, head_dim)
+
+def _band_group(q_blocks: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array, first: jax.Array, *, window: int,
+                block: int, lead: int) -> jax.Array:
+    """Attention of query blocks first .. first + C - 1 over their bands.
+
+    q_blocks: (batch, C, block, kv_heads, group, head_dim); k_blocks, v_blocks: (batch, C + n_k - 1,
+    block, kv_heads, head_dim), the left-padded key blocks first .. first + C + n_k - 2.
+    Returns (batch, C, block, kv_heads, group, head_dim) float32.
+    """
+    n_q, n_k = q_blocks.shape[1], k_blocks.shape[1] - q_blocks.shape[1] + 1
+    head_dim = q_blocks.shape[-1]
     # Band of query block n = padded keys [n*block, (n + n_k)*block): n_k shifted views side by side.
-    # Only n_k copies of K/V (n_k * kv_heads * head_dim per token), small next to the logits.
     k_band = jnp.concatenate([k_blocks[:, j:j + n_q] for j in range(n_k)], axis=2)
     v_band = jnp.concatenate([v_blocks[:, j:j + n_q] for j in range(n_k)], axis=2)
-
     logits = jnp.einsum("bnqkgd,bnckd->bnkgqc", q_blocks, k_band,
                         preferred_element_type=jnp.float32) / math.sqrt(head_dim)
     # Query n*block + r and band column c (absolute key n*block + c - lead): the distance
@@ -104,17 +99,52 @@ def _banded_core(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block: i
     c = jnp.arange(n_k * block)[None, :]
     dist = r + lead - c
     in_window = (dist >= 0) & (dist < window)
-    not_pad = jnp.arange(n_q)[:, None] * block + c[0][None, :] >= lead
+    not_pad = (first + jnp.arange(n_q))[:, None] * block + c[0][None, :] >= lead
     mask = in_window[None, :, :] & not_pad[:, None, :]  # (n_q, block, n_k * block)
     logits = jnp.where(mask[None, :, None, None], logits, _MASK_VALUE)
-
     # Normalise after the PV product (as flash attention does): one band-sized tensor, not two.
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     weights = jnp.exp(logits - row_max)
     denom = jnp.sum(weights, axis=-1)[..., None]
-    out = jnp.einsum("bnkgqc,bnckd->bnkgqd", weights.astype(v.dtype), v_band,
+    out = jnp.einsum("bnkgqc,bnckd->bnkgqd", weights.astype(v_blocks.dtype), v_band,
                      preferred_element_type=jnp.float32) / denom
-    out = out.transpose(0, 1, 4, 2, 3, 5).reshape(batch, n_q * block, q_heads, head_dim)
+    return out.transpose(0, 1, 4, 2, 3, 5)
+
+
+def _banded_core(q: jax.Array, k: jax.Array, v: jax.Array, window: int, block: int) -> jax.Array:
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    n_q = -(-seq // block)
+    # Key blocks per query block: its own plus enough earlier ones to reach i - window + 1 for its
+    # first query; clipped to n_q so a window beyond seq costs no more than blocked causal attention.
+    n_k = min(-(-(window - 1) // block) + 1, n_q)
+    lead = (n_k - 1) * block
+    per_block = batch * q_heads * block * n_k * block  # logits of one query block
+    size = max(1, min(n_q, _BAND_LOGITS_BUDGET // per_block))  # query blocks per group
+    groups = -(-n_q // size)
+    tail = groups * size * block - seq
+
+    q = jnp.pad(q, ((0, 0), (0, tail), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (lead, tail), (0, 0), (0, 0)))  # left pad: block 0 has a full band too
+    v = jnp.pad(v, ((0, 0), (lead, tail), (0, 0), (0, 0)))
+    # GQA without repeating K/V: the group axis rides along in the einsums.
+    q_blocks = q.reshape(batch, groups * size, block, kv_heads, group, head_dim)
+    k_blocks = k.reshape(batch, groups * size + n_k - 1, block, kv_heads, head_dim)
+    v_blocks = v.reshape(batch, groups * size + n_k - 1, block, kv_heads, head_dim)
+    attend = functools.partial(_band_group, window=window, block=block, lead=lead)
+    if groups == 1:
+        out = attend(q_blocks, k_blocks, v_blocks, jnp.int32(0))
+    else:  # one group at a time, each rematerialised in the backward: memory of one group
+        def one_group(i):
+            first = i * size
+            take = lambda x, n: jax.lax.dynamic_slice_in_dim(x, first, n, axis=1)  # noqa: E731
+            return jax.checkpoint(attend)(take(q_blocks, size), take(k_blocks, size + n_k - 1),
+                                          take(v_blocks, size + n_k - 1), first)
+
+        out = jax.lax.map(one_group, jnp.arange(groups))  # (groups, batch, size, block, kv, g, d)
+        out = jnp.moveaxis(out, 0, 1)
+    out = out.reshape(batch, groups * size * block, q_heads, head_dim)
     return out[:, :seq].astype(q.dtype)
 
 
