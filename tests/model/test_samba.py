@@ -39,6 +39,12 @@ def test_reference_parameter_counts(name, millions):
     assert n == parameter_count(cfg)["total"]
 
 
+def test_inference_baseline_is_within_3_percent_of_samba_1b():
+    llama3 = count_initialised(ModelConfig.from_config(load_experiment("llama3_1b").model))
+    samba = count_initialised(ModelConfig.from_config(load_experiment("samba_1b").model))
+    assert llama3 == 1_342_789_632 and abs(llama3 / samba - 1) < 0.03
+
+
 def test_samba_421m_mamba_block_matches_reference_table():
     # samba_reference.md §1.4: one Mamba mixer of the 421M model has 14,914,560 parameters.
     cfg = ModelConfig.from_config(load_experiment("samba_421m").model)

@@ -1,0 +1,28 @@
+"""The benchmark scripts run end to end (tiny shapes on CPU), so they do not rot between device runs."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--override=d_model=64", "--override=num_repeats=1", "--override=num_heads=2", "--override=num_kv_heads=1",
+        "--override=head_dim=32", "--override=mlp_hidden=128", "--override=vocab_size=256", "--override=window=64"]
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_inference_benchmark_prints_its_tables():
+    out = run("inference.py", *TINY, "--prefill_seqs=128,256", "--decode_batch=2", "--decode_tokens=256",
+              "--decode_points=64,256", "--iters=1")
+    assert "| 256 |" in out and "Decode, batch 2, 256 new tokens" in out and "Decoding state at 4K / 1M" in out
+
+
+def test_attention_benchmark_prints_its_table():
+    out = run("sliding_window_attention.py", "--seqs=128", "--windows=32", "--impls=banded,pallas", "--heads=2,1,16",
+              "--tokens=256", "--iters=1")
+    assert "| 128 | 2 | 32 | banded |" in out and "| 128 | 2 | 32 | pallas |" in out
