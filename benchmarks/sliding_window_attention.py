@@ -1,7 +1,7 @@
 """Sliding-window attention implementations side by side at a fixed number of tokens per step.
 
 python benchmarks/sliding_window_attention.py                   # the issue's table (needs a GPU for cudnn)
-python benchmarks/sliding_window_attention.py --seqs=8192 --windows=2048 --impls=cudnn,banded
+python benchmarks/sliding_window_attention.py --seqs=8192 --windows=2048 --impls=cudnn,banded,pallas:128:64:8
 
 16 query heads and 4 KV heads of dim 128 (GQA 4), bfloat16, batch = tokens / seq. Times are medians
 over --iters calls after compilation; ratios are to cuDNN with the same window ("cudnn" row).
@@ -24,6 +24,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from samba_jax.ops.attention import sliding_window_attention  # noqa: E402
+
+
+def _attention_fn(impl: str, window):
+    """impl: an implementation name, "causal" (full causal cuDNN), or pallas:BLOCK_Q:BLOCK_K[:WARPS]."""
+    if impl.startswith("pallas:"):
+        from pallas_kernels.sliding_window_attention import sliding_window_attention as pallas_attention
+
+        block_q, block_k, *warps = (int(x) for x in impl.split(":")[1:])
+        return lambda q, k, v: pallas_attention(q, k, v, min(window, q.shape[1]), block_q=block_q, block_k=block_k,
+                                                num_warps=warps[0] if warps else None)
+    name = "cudnn" if impl == "causal" else impl
+    return lambda q, k, v: sliding_window_attention(q, k, v, window, implementation=name)
 
 
 def band_flops(batch, seq, window, heads, head_dim):
@@ -70,8 +82,7 @@ def main():
                 if impl == "causal" and window != int(args.windows.split(",")[0]):
                     continue  # one full-causal row per seq
                 w = None if impl == "causal" else window
-                name = "cudnn" if impl == "causal" else impl
-                fn = lambda q, k, v, w=w, name=name: sliding_window_attention(q, k, v, w, implementation=name)  # noqa: E731
+                fn = _attention_fn(impl, w)
                 loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))  # noqa: E731
                 try:
                     fwd = jax.jit(fn).lower(q, kk, v).compile()
