@@ -133,9 +133,11 @@ def _model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return values
 
 
-def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ModelConfig, Any, int]:
+def restore_params(workdir: str, step: int | None = None, sharded: bool = False
+                   ) -> tuple[Any, ModelConfig, Any, int]:
     """(run config, model config, float32 params, step) from a training workdir, restoring only the
-    parameters of its newest (or given) checkpoint."""
+    parameters of its newest (or given) checkpoint: onto one device, or with `sharded` onto the run's
+    mesh (config.mesh over all devices of all processes), so no host ever holds the whole model."""
     import flax.linen as nn
     import ml_collections
     import orbax.checkpoint as ocp
@@ -155,10 +157,17 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ModelCon
         raise ConfigFileError(f"{workdir}/checkpoints has no checkpoint{'' if step is None else f' at step {step}'}"
                               f" (steps: {list(manager.all_steps())}); train first or pick another step.")
     tx, _ = make_optimizer(config.optimizer, config.num_train_steps)
-    item = {"params": nn.unbox(abstract_boxed_state(cfg, tx))["params"]}
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(global_shape=x.shape, dtype=x.dtype, sharding=device),
-                                item)
+    boxed = abstract_boxed_state(cfg, tx)
+    item = {"params": nn.unbox(boxed)["params"]}
+    if sharded:
+        from samba_jax import sharding
+
+        mesh = sharding.make_mesh(config.mesh)
+        targets = {"params": sharding.state_shardings(boxed, mesh, sharding.rules(config))["params"]}
+    else:
+        targets = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), item)
+    restore_args = jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(global_shape=x.shape, dtype=x.dtype, sharding=s),
+                                item, targets)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)))
     manager.close()
@@ -171,7 +180,11 @@ def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: 
         raise ConfigError(f"--format={fmt!r} is not a format. Fix: use orbax, safetensors or hf.")
     if os.path.exists(output):
         raise ConfigFileError(f"--output={output} already exists; exports never overwrite. Fix: pick a new path.")
-    _, cfg, params, _ = restore_params(workdir, step)
+    if fmt != "orbax" and jax.process_count() > 1:
+        raise ConfigError(f"--format={fmt} writes whole tensors from one process; run it as a single process, or "
+                          f"export --format=orbax from every process (sharded, nothing gathered).")
+    # orbax writes each device's shards itself: restore onto the run's mesh when there are several devices.
+    _, cfg, params, _ = restore_params(workdir, step, sharded=fmt == "orbax" and jax.device_count() > 1)
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     if fmt == "hf":
         from safetensors.numpy import save_file
@@ -187,9 +200,10 @@ def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: 
         return output
     # A tied head is stored twice (as PyTorch's state_dict lists it), so a strict load_state_dict finds both.
     tensors = {k: np.array(v) for k, v in to_reference(cfg, params).items()} if fmt == "safetensors" else None
-    os.makedirs(output)
-    with open(os.path.join(output, "model_config.json"), "w", encoding="utf-8") as f:
-        json.dump(_model_config_dict(cfg), f, indent=2)
+    if jax.process_index() == 0:
+        os.makedirs(output)
+        with open(os.path.join(output, "model_config.json"), "w", encoding="utf-8") as f:
+            json.dump(_model_config_dict(cfg), f, indent=2)
     if fmt == "orbax":
         import orbax.checkpoint as ocp
 
@@ -248,9 +262,19 @@ def load(path: str, step: int | None = None) -> Model:
 
         tensors = load_file(os.path.join(path, "model.safetensors"))
         return Model(cfg, from_reference(cfg, tensors))
+    import flax.linen as nn
     import orbax.checkpoint as ocp
 
-    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"))
+    from samba_jax.model.samba import abstract_params
+
+    # Restore onto this process's first device, whatever devices or mesh wrote the export.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(path), "params"))
+    meta_tree = getattr(meta, "item_metadata", None) or meta
+    dtypes = jax.tree.map(lambda m: m.dtype, getattr(meta_tree, "tree", meta_tree))  # as exported (f32 or bf16)
+    target = jax.tree.map(lambda a, dt: jax.ShapeDtypeStruct(a.shape, dt, sharding=device),
+                          nn.unbox(abstract_params(cfg)), dtypes)
+    params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"), target)
     return Model(cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params))
 
 

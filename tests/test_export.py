@@ -113,3 +113,19 @@ def test_patterns_without_a_layout_leave_no_directory(trained_workdir, tmp_path)
     with pytest.raises(ConfigError, match="no Hugging Face layout"):
         export.export(trained_workdir, str(tmp_path / "hf"), "hf")
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_orbax_export_on_eight_devices_restores_sharded_and_loads_back(trained_workdir, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "sharded")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    script = ("import sys, jax; from samba_jax import export; "
+              "_, _, p, _ = export.restore_params(sys.argv[1], sharded=True); "
+              "leaf = p['embed']['embedding']; print('SHARDS', len(leaf.sharding.device_set), leaf.is_fully_replicated); "
+              "export.export(sys.argv[1], sys.argv[2], 'orbax')")
+    run = subprocess.run([sys.executable, "-c", script, trained_workdir, out], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "SHARDS 8 False" in run.stdout  # the embedding is split over the 8 devices, not gathered
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+    np.testing.assert_array_equal(samba_jax.load(out)(ids), samba_jax.load(trained_workdir)(ids))
