@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -30,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.timing import median_ms  # noqa: E402
 from samba_jax import generate  # noqa: E402
 from samba_jax.config import ModelConfig, flops_per_token, parameter_count  # noqa: E402
 from samba_jax.configs.base import load_experiment  # noqa: E402
@@ -46,20 +45,10 @@ def build(experiment: str, overrides: dict) -> tuple[ModelConfig, dict]:
     return cfg, init(jax.random.key(0))
 
 
-def median_time(fn, *args, iters=3):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def prefill_rate(cfg, params, seq, iters):
     tokens = jax.random.randint(jax.random.key(seq), (1, seq), 0, cfg.vocab_size)
     run = jax.jit(lambda p, t: generate.prefill(cfg, p, t, max_len=seq + 1)[0])
-    return seq / median_time(run, params, tokens, iters=iters)
+    return seq / (median_ms(run, params, tokens, iters=iters) / 1e3)
 
 
 def synthetic_state(cfg, batch, fill, capacity):
@@ -94,7 +83,7 @@ def decode_step_time(cfg, params, batch, fill, capacity, steps=64):
         return token
 
     state = synthetic_state(cfg, batch, fill, capacity)
-    return median_time(jax.jit(run), params, state) / steps
+    return median_ms(jax.jit(run), params, state, iters=3) / 1e3 / steps
 
 
 def state_bytes(cfg, batch, context):
@@ -152,13 +141,15 @@ def main():
     print(f"\nDecode, batch {batch}, {total} new tokens: samba {batch * total / samba_s:,.0f} tok/s "
           f"({samba_step * 1e3:.2f} ms/step), transformer {batch * total / transformer_s:,.0f} tok/s; ratio "
           f"{transformer_s / samba_s:.2f}x (paper {PAPER['decode_64k']}x)\n")
-    print("| transformer context | ms/step | GB read/step (weights + KV) | TB/s (of " f"{args.hbm_tb_s}) |\n|---|---|---|---|")
+    print(f"| transformer context | ms/step | GB read/step (weights + KV) | TB/s (of {args.hbm_tb_s}) |")
+    print("|---|---|---|---|")
     for fill in points:
         read = weights + state_bytes(transformer[0], batch, fill)
         print(f"| {fill} | {times[fill] * 1e3:.2f} | {read / 1e9:.1f} | {read / times[fill] / 1e12:.2f} |")
-    print(f"\nDecoding state at 4K / 1M context, batch {batch}: samba {state_bytes(samba[0], batch, 4096) / 2**20:.0f} / "
-          f"{state_bytes(samba[0], batch, 1 << 20) / 2**20:.0f} MiB; transformer "
-          f"{state_bytes(transformer[0], batch, 4096) / 2**30:.2f} / {state_bytes(transformer[0], batch, 1 << 20) / 2**30:.0f} GiB")
+    mib = {ctx: state_bytes(samba[0], batch, ctx) / 2**20 for ctx in (4096, 1 << 20)}
+    gib = {ctx: state_bytes(transformer[0], batch, ctx) / 2**30 for ctx in (4096, 1 << 20)}
+    print(f"\nDecoding state at 4K / 1M context, batch {batch}: samba {mib[4096]:.1f} / {mib[1 << 20]:.1f} MiB; "
+          f"transformer {gib[4096]:.2f} / {gib[1 << 20]:.1f} GiB")
     print(f"(paper: {PAPER['prefill_128k']}x prompt throughput at 128K, {PAPER['decode_64k']}x decode over 64K)")
 
 

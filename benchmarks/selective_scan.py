@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.timing import median_ms  # noqa: E402
 from samba_jax import ops  # noqa: E402
 
 # mamba_ssm 2.3.2 on one H200 (selective-scan issue): (fwd ms, fwd+bwd ms) per (shape, dtype).
@@ -60,17 +60,6 @@ def scan_fn(impl: str):
     return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=name)
 
 
-def timed(fn, args, iters):
-    out = fn(args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4x4096x4096,1x16384x4096,8x4096x3072,4x4096x4608,1x16384x3072")
@@ -101,7 +90,7 @@ def main():
                     compile_s = time.perf_counter() - t0
                     mem = both.memory_analysis()
                     temp = mem.temp_size_in_bytes / 2**30 if mem is not None else float("nan")
-                    f, fb = timed(fwd, a, args.iters), timed(both, a, args.iters)
+                    f, fb = median_ms(fwd, a, iters=args.iters), median_ms(both, a, iters=args.iters)
                 except Exception as e:  # noqa: BLE001  (an OOM or a lowering failure is a table entry)
                     print(f"| {shape} | {dtype_name} | {impl} | failed: {type(e).__name__}: {str(e)[:150]} ||||||||")
                     continue

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.timing import median_ms  # noqa: E402
 from samba_jax.ops.attention import sliding_window_attention  # noqa: E402
 
 
@@ -42,16 +41,6 @@ def band_flops(batch, seq, window, heads, head_dim):
     w = min(window or seq, seq)
     pairs = seq * w - w * w / 2 if window else seq * seq / 2
     return 4 * head_dim * heads * pairs * batch
-
-
-def timed(fn, args, iters):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main():
@@ -87,7 +76,7 @@ def main():
                 try:
                     fwd = jax.jit(fn).lower(q, kk, v).compile()
                     both = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kk, v).compile()
-                    f, fb = timed(fwd, (q, kk, v), args.iters), timed(both, (q, kk, v), args.iters)
+                    f, fb = median_ms(fwd, q, kk, v, iters=args.iters), median_ms(both, q, kk, v, iters=args.iters)
                 except Exception as e:  # noqa: BLE001  (an OOM is a table entry)
                     print(f"| {seq} | {batch} | {window} | {impl} | failed: {type(e).__name__}: {str(e)[:120]} "
                           "||||||")

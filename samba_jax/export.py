@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samba_jax.config import ConfigError, ConfigFileError, ModelConfig
+from samba_jax.hf_convert import mamba_from_torch, mamba_to_torch
 
 MIXERS = ("mamba", "swa", "attn")
 
@@ -63,12 +64,7 @@ def to_reference(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
             kind = cfg.pattern[mix]
             m = take(b[f"{kind}_{mix}"])
             if kind == "mamba":
-                for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-                    out[pre + f"attn.{name}.weight"] = t(m[name]["kernel"])
-                out[pre + "attn.conv1d.weight"] = t(m["conv_kernel"])[:, None, :]
-                out[pre + "attn.conv1d.bias"] = m["conv_bias"]
-                out[pre + "attn.dt_proj.bias"] = m["dt_bias"]
-                out[pre + "attn.A_log"], out[pre + "attn.D"] = m["A_log"], m["D"]
+                out.update(mamba_to_torch(m, pre + "attn."))
             else:
                 hd, kv, d = cfg.head_dim, cfg.num_kv_heads, cfg.d_model
                 q = t(m["q_proj"]["kernel"]).reshape(kv, group, hd, d)
@@ -95,10 +91,7 @@ def from_reference(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Any:
             tree[f"mlp_{mlp}"] = {w: {"kernel": t(get(f"mlp.swiglu.{w}.weight"))} for w in ("w1", "w2", "w3")}
             kind = cfg.pattern[mix]
             if kind == "mamba":
-                m = {name: {"kernel": t(get(f"attn.{name}.weight"))}
-                     for name in ("in_proj", "x_proj", "dt_proj", "out_proj")}
-                m.update(conv_kernel=t(get("attn.conv1d.weight")[:, 0, :]), conv_bias=get("attn.conv1d.bias"),
-                         dt_bias=get("attn.dt_proj.bias"), A_log=get("attn.A_log"), D=get("attn.D"))
+                m = mamba_from_torch(lambda name: np.asarray(tensors[name], np.float32), pre + "attn.")
             else:
                 qkv = get("attn.attn.weight").reshape(kv, group + 2, hd, d)
                 m = {"q_proj": {"kernel": t(qkv[:, :group].reshape(-1, d))},

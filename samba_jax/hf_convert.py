@@ -25,6 +25,25 @@ def _t(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, np.float32).T)
 
 
+def mamba_to_torch(m: Any, prefix: str) -> dict[str, np.ndarray]:
+    """One Mamba mixer's params (one layer) -> mamba_ssm's `Mamba` state-dict entries under `prefix`
+    (the reference and transformers both use this module's names)."""
+    out = {prefix + f"{name}.weight": _t(m[name]["kernel"]) for name in ("in_proj", "x_proj", "dt_proj", "out_proj")}
+    out[prefix + "conv1d.weight"] = _t(m["conv_kernel"])[:, None, :]  # (d_inner, 1, d_conv)
+    out[prefix + "conv1d.bias"] = np.asarray(m["conv_bias"])
+    out[prefix + "dt_proj.bias"] = np.asarray(m["dt_bias"])
+    out[prefix + "A_log"], out[prefix + "D"] = np.asarray(m["A_log"]), np.asarray(m["D"])
+    return out
+
+
+def mamba_from_torch(get: Any, prefix: str) -> dict[str, Any]:
+    """The inverse of `mamba_to_torch`; get(name) returns a float32 numpy tensor."""
+    m = {name: {"kernel": _t(get(prefix + f"{name}.weight"))} for name in ("in_proj", "x_proj", "dt_proj", "out_proj")}
+    m.update(conv_kernel=_t(get(prefix + "conv1d.weight")[:, 0, :]), conv_bias=get(prefix + "conv1d.bias"),
+             dt_bias=get(prefix + "dt_proj.bias"), A_log=get(prefix + "A_log"), D=get(prefix + "D"))
+    return m
+
+
 def _stack(per_layer: list[dict]) -> Any:
     return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *per_layer)
 
@@ -47,12 +66,7 @@ def to_hf(cfg: ModelConfig, params: Any) -> tuple[dict[str, np.ndarray], dict[st
         for i in range(cfg.num_repeats):
             m, pre = jax.tree.map(lambda x: x[i], b["mamba_0"]), f"backbone.layers.{i}."
             out[pre + "norm.weight"] = b["norm_0"]["scale"][i]
-            for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
-                out[pre + f"mixer.{name}.weight"] = _t(m[name]["kernel"])
-            out[pre + "mixer.conv1d.weight"] = _t(m["conv_kernel"])[:, None, :]
-            out[pre + "mixer.conv1d.bias"] = m["conv_bias"]
-            out[pre + "mixer.dt_proj.bias"] = m["dt_bias"]
-            out[pre + "mixer.A_log"], out[pre + "mixer.D"] = m["A_log"], m["D"]
+            out.update(mamba_to_torch(m, pre + "mixer."))
         out["backbone.embeddings.weight"] = emb
         out["backbone.norm_f.weight"] = np.asarray(params["final_norm"]["scale"])
         out["lm_head.weight"] = emb if cfg.tie_embeddings else _t(params["lm_head"]["kernel"])
@@ -102,11 +116,8 @@ def from_hf(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[Mod
         layers = []
         for i in range(cfg.num_repeats):
             pre = f"backbone.layers.{i}."
-            m = {name: {"kernel": _t(get(pre + f"mixer.{name}.weight"))}
-                 for name in ("in_proj", "x_proj", "dt_proj", "out_proj")}
-            m.update(conv_kernel=_t(get(pre + "mixer.conv1d.weight")[:, 0, :]), conv_bias=get(pre + "mixer.conv1d.bias"),
-                     dt_bias=get(pre + "mixer.dt_proj.bias"), A_log=get(pre + "mixer.A_log"), D=get(pre + "mixer.D"))
-            layers.append({"norm_0": {"scale": get(pre + "norm.weight")}, "mamba_0": m})
+            layers.append({"norm_0": {"scale": get(pre + "norm.weight")},
+                           "mamba_0": mamba_from_torch(get, pre + "mixer.")})
         params = {"embed": {"embedding": jnp.asarray(get("backbone.embeddings.weight"))},
                   "final_norm": {"scale": jnp.asarray(get("backbone.norm_f.weight"))}, "blocks": _stack(layers)}
     elif kind in ("llama", "mistral"):

@@ -27,3 +27,9 @@ def test_attention_benchmark_prints_its_table():
               "--tokens=256", "--iters=1")
     assert "| 128 | 2 | 32 | banded |" in out and "| 128 | 2 | 32 | pallas |" in out
     assert "| 128 | 2 | 32 | pallas:32:16:2 |" in out
+
+
+def test_selective_scan_benchmark_prints_its_table():
+    out = run("selective_scan.py", "--shapes=1x64x32", "--dtypes=float32", "--impls=chunked,associative,pallas:16",
+              "--iters=1")
+    assert "| 1x64x32 | float32 | associative |" in out and "| 1x64x32 | float32 | pallas:16 |" in out
