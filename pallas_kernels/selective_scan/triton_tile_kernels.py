@@ -163,7 +163,8 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bia
             dh_b = dh * b_col
             d_dt = d_dt + d_decayed * a[n] + dh_b * u
             du = du + dh_b * dt
-            pltriton.store(dbt_ref.at[jnp.int32(n), pl.ds(tile.start, chunk)], jnp.sum(dh * dtu, axis=1), mask=tile.valid_row)
+            pltriton.store(dbt_ref.at[jnp.int32(n), pl.ds(tile.start, chunk)], jnp.sum(dh * dtu, axis=1),
+                           mask=tile.valid_row)
             pltriton.store(dct_ref.at[jnp.int32(n), pl.ds(tile.start, chunk)], jnp.sum(states * dy_gate, axis=1),
                            mask=tile.valid_row)
             dh_out.append(tile.first(dh * decay))  # into the previous tile's last state
