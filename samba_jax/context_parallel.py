@@ -30,16 +30,12 @@ from samba_jax.ops.attention import sliding_window_attention
 from samba_jax.ops.selective_scan import selective_scan
 
 
-def _softplus(x):
-    return jnp.logaddexp(x, 0.0)
-
-
 def scan_across_shards(u, delta, A, B, C, D, z, delta_bias, *, axis: str, delta_softplus: bool, **kwargs):
     """Inside shard_map: the selective scan of a sequence split over mesh axis `axis` (local views)."""
     _, final = selective_scan(u, delta, A, B, C, delta_bias=delta_bias, delta_softplus=delta_softplus,
                               return_final_state=True, **kwargs)  # (batch, d_inner, d_state), from zero
     dt = delta.astype(jnp.float32) + (0.0 if delta_bias is None else delta_bias)
-    dt = _softplus(dt) if delta_softplus else dt
+    dt = jax.nn.softplus(dt) if delta_softplus else dt  # Δ exactly as the scan op computes it
     decay = jnp.exp(A[None] * jnp.sum(dt, axis=1)[..., None])  # product over the shard of exp(Δ_t A)
     finals = lax.all_gather(final, axis)  # (shards, batch, d_inner, d_state)
     decays = lax.all_gather(decay, axis)

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.selective_scan import layouts
+from pallas_kernels.selective_scan import triton_calls
 
 F32 = jnp.float32
 
@@ -173,73 +173,23 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, at_ref, d_ref, bia
     pltriton.store(dbias_ref, dbias_acc)
 
 
-def _specs(batch, seq, d_state, block_d, num_chunks, chunk):
-    """BlockSpecs for grid (batch, d_blocks), keyed by layout."""
-    return {
-        "row": pl.BlockSpec((None, seq, block_d), lambda b, j: (b, 0, j)),  # (batch, seq, d)
-        "col": pl.BlockSpec((None, d_state, seq), lambda b, j: (b, 0, 0)),  # (batch, d_state, seq)
-        "param": pl.BlockSpec((d_state, block_d), lambda b, j: (0, j)),  # (d_state, d)
-        "vec": pl.BlockSpec((1, block_d), lambda b, j: (0, j)),  # (1, d)
-        "state": pl.BlockSpec((None, d_state, block_d), lambda b, j: (b, 0, j)),  # (batch, d_state, d)
-        "chunks": pl.BlockSpec((None, num_chunks, d_state, block_d), lambda b, j: (b, 0, 0, j)),
-        "partial_col": pl.BlockSpec((None, None, d_state, seq), lambda b, j: (b, j, 0, 0)),
-        "scratch": pl.BlockSpec((None, None, chunk, d_state, block_d), lambda b, j: (b, j, 0, 0, 0)),
-    }
-
-
 _STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "prefetch", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, prefetch,
-            interpret):
-    """u, delta, z: (batch, seq, d) with d % block_d == 0; bt, ct: (batch, d_state, seq); at: (d_state, d);
-    d, bias: (1, d); h0: (batch, d_state, d) f32. Returns y (batch, seq, d) in u's dtype, chunk states
-    (batch, num_chunks, d_state, d) f32 and the final state (batch, d_state, d) f32."""
-    batch, seq, width = u.shape
-    d_state = at.shape[0]
-    num_chunks = pl.cdiv(seq, chunk)
-    s = _specs(batch, seq, d_state, block_d, num_chunks, chunk)
-    kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
+def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, prefetch, interpret):
+    """Shapes as `triton_calls.forward_call`: y, the states entering each chunk, the final state."""
+    kernel = functools.partial(_forward_kernel, seq=u.shape[1], chunk=chunk, softplus=softplus, has_z=has_z,
                                prefetch=prefetch)
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, width // block_d),
-        in_specs=[s["row"], s["row"], s["row"], s["col"], s["col"], s["param"], s["vec"], s["vec"], s["state"]],
-        out_specs=[s["row"], s["chunks"], s["state"]],
-        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype),
-                   jax.ShapeDtypeStruct((batch, num_chunks, d_state, width), F32),
-                   jax.ShapeDtypeStruct((batch, d_state, width), F32)],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="selective_scan_fwd",
-    )(u, delta, z, bt, ct, at, d, bias, h0)
+    return triton_calls.forward_call(kernel, u, delta, z, bt, ct, at, d, bias, h0, chunk=chunk, block_d=block_d,
+                                     num_warps=num_warps, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
              num_warps, prefetch, interpret):
-    """Gradients in the forward's layouts. Per-block partials (reduced by the caller): dB^T, dC^T
-    (batch, d_blocks, d_state, seq); dA^T (batch, d_state, d); dD, dbias (batch, 1, d)."""
-    batch, seq, width = u.shape
-    d_state = at.shape[0]
-    num_chunks = chunk_states.shape[1]
-    blocks = width // block_d
-    s = _specs(batch, seq, d_state, block_d, num_chunks, chunk)
-    vec_out = pl.BlockSpec((None, 1, block_d), lambda b, j: (b, 0, j))
-    kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
+    """Gradients in the layouts of `layouts.backward_out_shapes` (per-block partials reduced by the caller)."""
+    kernel = functools.partial(_backward_kernel, seq=u.shape[1], chunk=chunk, softplus=softplus, has_z=has_z,
                                prefetch=prefetch)
-    outs = pl.pallas_call(
-        kernel,
-        grid=(batch, blocks),
-        in_specs=[s["row"], s["row"], s["row"], s["col"], s["col"], s["param"], s["vec"], s["vec"], s["chunks"],
-                  s["row"], s["state"]],
-        out_specs=[s["row"], s["row"], s["row"], s["partial_col"], s["partial_col"], s["state"], vec_out, vec_out,
-                   s["state"], s["scratch"]],
-        out_shape=[*layouts.backward_out_shapes(u, delta, z, blocks, d_state, seq),
-                   jax.ShapeDtypeStruct((batch, blocks, chunk, d_state, block_d), F32)],  # scratch
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name="selective_scan_bwd",
-    )(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal)
-    return outs[:-1]  # drop the scratch buffer
+    return triton_calls.backward_call(kernel, u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal,
+                                      block_d=block_d, num_warps=num_warps, interpret=interpret, scratch_rows=chunk)
