@@ -44,7 +44,14 @@ def inputs(batch, seq, width, dtype, d_state=16):
 
 def scan_fn(impl: str):
     """pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the step-by-step Triton kernel),
-    tile:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]] (the tile-scan Triton kernel), or an ops implementation."""
+    tile:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]] (the tile-scan Triton kernel), or an ops implementation,
+    optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8."""
+    impl, _, splits = impl.partition("/")
+    if splits:
+        if ":" in impl:
+            raise ValueError(f"/SPLITS applies to ops implementations, not kernel knobs: {impl}")
+        count = None if splits == "auto" else int(splits)
+        return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl, sequence_splits=count)
     name, *knobs = impl.split(":")
     if name in ("pallas", "tile") and knobs:
         from pallas_kernels.selective_scan import selective_scan as fused

@@ -62,6 +62,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     scan_implementation: str = ""  # "" lets the op choose for the platform
     scan_chunk: int = 64
+    scan_sequence_splits: int = 0  # 0 lets the op choose (splits long sequences at small batch on GPU)
     attention_implementation: str = ""
     attention_block: int = 0  # 0: the op's default
     remat: str = "none"  # none | block | save_dots
@@ -103,6 +104,9 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "num_repeats", "ssm_expand", "ssm_state", "ssm_conv", "scan_chunk"):
             if getattr(self, name) < 1:
                 _fail(f"model.{name}", f"must be a positive integer, got {getattr(self, name)}", "set it >= 1")
+        if self.scan_sequence_splits < 0:
+            _fail("model.scan_sequence_splits", f"must be >= 0, got {self.scan_sequence_splits}",
+                  "use 0 (the op chooses), 1 (no split) or the number of pieces")
         if not self.pattern:
             _fail("model.pattern", "is empty", 'name sublayers, e.g. "mamba,mlp,swa,mlp"')
         for p in self.pattern:

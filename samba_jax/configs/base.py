@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
         compute_dtype="auto",  # bfloat16 on GPU/TPU, float32 on CPU
         scan_implementation="",  # "" = best for the platform; reference | associative | chunked
         scan_chunk=64,
+        scan_sequence_splits=0,  # 0 = the op chooses (GPU kernel at small batch x long sequence); 1 = never split
         attention_implementation="",  # "" = best for the platform (cudnn on GPU, else banded); reference | banded | cudnn
         attention_block=0,
         remat="none",  # none | block | save_dots

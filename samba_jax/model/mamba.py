@@ -96,7 +96,8 @@ class MambaMixer(nn.Module):
 
         scan_args = (u, delta, -jnp.exp(a_log), b, c)
         scan_kwargs = dict(D=d_skip, z=z, delta_bias=dt_bias, delta_softplus=True,
-                           implementation=cfg.scan_implementation or None, chunk_size=cfg.scan_chunk)
+                           implementation=cfg.scan_implementation or None, chunk_size=cfg.scan_chunk,
+                           sequence_splits=cfg.scan_sequence_splits or None)
         if self.is_mutable_collection(DECODE_STATE) and not self.is_initializing():  # prefill for generation
             initial = None if previous is None else previous["h"]
             y, final = ops.selective_scan(*scan_args, **scan_kwargs, initial_state=initial, return_final_state=True)

@@ -124,7 +124,7 @@ _DEFAULT_IMPLEMENTATION_BY_PLATFORM: dict[str, str] = {"cpu": "chunked", "gpu": 
 _FUSED_IMPLEMENTATIONS = ("pallas",)
 
 
-def _resolve_implementation(implementation: str | None) -> str:
+def resolve_implementation(implementation: str | None) -> str:
     if implementation is None:
         implementation = _DEFAULT_IMPLEMENTATION_BY_PLATFORM.get(jax.default_backend(), "chunked")
     valid = sorted([*_IMPLEMENTATIONS, *_FUSED_IMPLEMENTATIONS])
@@ -181,13 +181,16 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
                    delta_bias: Array | None = None, delta_softplus: bool = False,
                    initial_state: Array | None = None, return_final_state: bool = False,
                    implementation: str | None = None,
-                   chunk_size: int = 64) -> Array | tuple[Array, Array]:
+                   chunk_size: int = 64, sequence_splits: int | None = 1) -> Array | tuple[Array, Array]:
     """Mamba-1 selective scan, semantics of mamba_ssm's `selective_scan_fn` (channels-last).
 
     u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
     implementation: "reference", "associative", "chunked" or "pallas" (fused kernel); None picks the platform default.
     chunk_size: steps per chunk for "chunked", steps between saved states for "pallas" (clipped to seq).
+    sequence_splits: scan this many equal pieces of the sequence side by side, as extra batch rows,
+      then join them exactly (see `_scan_in_pieces`): more parallel work for kernels that walk the
+      sequence, at twice the scan work. None picks `default_sequence_splits`.
     Returns y (batch, seq, d_inner) in u's dtype, plus the float32 final state
     (batch, d_inner, d_state) if return_final_state.
     """
@@ -202,7 +205,17 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
     })
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"selective_scan: `chunk_size` must be an integer >= 1, got {chunk_size!r}")
-    implementation = _resolve_implementation(implementation)
+    implementation = resolve_implementation(implementation)
+    if sequence_splits is None:
+        sequence_splits = default_sequence_splits(implementation, *u.shape)
+    if isinstance(sequence_splits, bool) or not isinstance(sequence_splits, numbers.Integral) or sequence_splits < 1:
+        raise ValueError(f"selective_scan: `sequence_splits` must be an integer >= 1 (1: no split) or None, "
+                         f"got {sequence_splits!r}")
+    if sequence_splits > 1 and u.shape[1] >= 2 * sequence_splits:
+        y, final_state = _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                         int(sequence_splits), implementation=implementation,
+                                         chunk_size=int(chunk_size))
+        return (y, final_state) if return_final_state else y
     if implementation == "pallas":
         from pallas_kernels.selective_scan import selective_scan as fused_selective_scan
 
@@ -219,6 +232,80 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
                                initial_state.astype(jnp.float32), int(chunk_size))
     y = _skip_and_gate(y, u32, D, z).astype(u.dtype)
     return (y, final_state) if return_final_state else y
+
+
+def default_sequence_splits(implementation: str, batch: int, seq: int, d_inner: int) -> int:
+    """Sequence pieces for the fused GPU kernel when batch x d_inner alone gives it too little work.
+
+    Each kernel program walks its whole sequence one step at a time, so with few channel rows
+    (batch x d_inner) the GPU idles and the time grows with the length. On an H200 (BENCHMARKS.md,
+    selective scan, sequence splits) the kernel's rate grows with the rows up to ~32K-64K; at
+    1 x 16K x 4096 bf16, 16 pieces run the forward in 4.0 ms instead of 18.7 (fwd+bwd 20.5 vs 42.9),
+    while at 4 x 4096 x 4096 (16K rows) splitting only adds the second pass (fwd+bwd 12.2 -> 20.4 ms).
+    So: split only at <= 8K rows, into pieces of >= 512 steps, until 64K rows. Other implementations: 1.
+    """
+    if implementation != "pallas" or jax.default_backend() != "gpu" or batch * d_inner > _SPLIT_MAX_ROWS:
+        return 1
+    splits = 1
+    while batch * d_inner * splits < _SPLIT_TARGET_ROWS and seq // (2 * splits) >= _SPLIT_MIN_STEPS:
+        splits *= 2
+    return splits
+
+
+_SPLIT_MAX_ROWS = 8192
+_SPLIT_TARGET_ROWS = 65536
+_SPLIT_MIN_STEPS = 512
+
+
+def chunk_decay(delta: Array, A: Array, delta_bias: Array | None, delta_softplus: bool) -> Array:
+    """exp(A * sum_t Δ_t) (batch, d_inner, d_state): the decay a whole chunk applies to its incoming state.
+
+    A is constant per (channel, state), so the product of the steps' exp(Δ_t A) is one exponential.
+    delta: (batch, seq, d_inner).
+    """
+    total = jnp.sum(_discretization_step(delta, delta_bias, delta_softplus), axis=1)
+    return jnp.exp(A.astype(jnp.float32)[None] * total[..., None])
+
+
+def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, pieces, **kwargs):
+    """The scan of `pieces` equal pieces side by side, joined exactly; a remainder runs after them.
+
+    Pass 1 scans every piece from a zero state for its final state; piece p's true incoming state
+    is then a short sequential fold, h_in[p+1] = decay[p] * h_in[p] + final[p] (decay from
+    `chunk_decay`); pass 2 rescans every piece from its true incoming state for y. (Adding
+    C_t · (decay up to t) h_in to pass 1's y instead would need a seq x d_inner x d_state tensor.)
+    """
+    batch, seq, d_inner = u.shape
+    length = seq // pieces
+    head = pieces * length
+
+    def side_by_side(x):  # (batch, seq, ...) -> (batch * pieces, length, ...)
+        return None if x is None else x[:, :head].reshape(batch * pieces, length, *x.shape[2:])
+
+    pu, pdelta, pB, pC, pz = map(side_by_side, (u, delta, B, C, z))
+    common = dict(delta_bias=delta_bias, delta_softplus=delta_softplus, sequence_splits=1, **kwargs)
+    _, finals = selective_scan(pu, pdelta, A, pB, pC, return_final_state=True, **common)
+    decays = chunk_decay(pdelta, A, delta_bias, delta_softplus)
+    state_shape = (batch, pieces, d_inner, A.shape[1])
+    h0 = jnp.zeros((batch, *state_shape[2:]), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+
+    def fold(h, piece):  # the state entering the next piece, from the state entering this one
+        final, decay = piece
+        return decay * h + final, h
+
+    _, incoming = lax.scan(fold, h0, (jnp.swapaxes(finals.reshape(state_shape), 0, 1),
+                                      jnp.swapaxes(decays.reshape(state_shape), 0, 1)))
+    incoming = jnp.swapaxes(incoming, 0, 1).reshape(batch * pieces, *state_shape[2:])
+    y, finals = selective_scan(pu, pdelta, A, pB, pC, D=D, z=pz, initial_state=incoming, return_final_state=True,
+                               **common)
+    y, final = y.reshape(batch, head, d_inner), finals.reshape(state_shape)[:, -1]
+    if head < seq:  # the remainder continues from the last piece's state
+        rest = (x if x is None else x[:, head:] for x in (u, delta, B, C, z))
+        ur, dr, br, cr, zr = rest
+        y_rest, final = selective_scan(ur, dr, A, br, cr, D=D, z=zr, initial_state=final, return_final_state=True,
+                                       **common)
+        y = jnp.concatenate([y, y_rest], axis=1)
+    return y, final
 
 
 def selective_scan_step(state: Array, u: Array, delta: Array, A: Array, B: Array, C: Array,

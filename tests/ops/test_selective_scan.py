@@ -1,6 +1,7 @@
 """Tests for samba_jax.ops.selective_scan: every implementation against the sequential oracle."""
 
 import functools
+import importlib
 import math
 
 import jax
@@ -117,6 +118,56 @@ def test_matches_reference_values_and_gradients(batch, seq, d_inner, d_state, ch
         for name in args:
             assert_close(grads[name], expected_grads[name], rtol=1e-4, atol_scale=1e-5,
                          err_msg=f"{implementation}: d loss / d {name}")
+
+
+# (seq, splits, optional): lengths that divide evenly and lengths that leave a remainder.
+SPLIT_CASES = [
+    (40, 4, ("D", "z", "delta_bias", "initial_state")),
+    (37, 3, ("D", "z", "delta_bias")),  # 3 pieces of 12 and one step after them
+    (29, 8, ("z", "initial_state")),  # 8 pieces of 3 and 5 steps after them
+]
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "pallas"])
+@pytest.mark.parametrize("seq,splits,optional", SPLIT_CASES)
+def test_sequence_splits_match_reference_values_and_gradients(implementation, seq, splits, optional):
+    """Scanning pieces side by side and joining them is exact: outputs, final state, every gradient."""
+    inputs = make_inputs(50 + seq, batch=2, seq=seq, d_inner=5, d_state=4)
+    args = {name: inputs[name] for name in ("u", "delta", "A", "B", "C") + optional}
+    y_cotangent, state_cotangent = map(jnp.asarray, random_normals(60 + seq, (2, seq, 5), (2, 5, 4)))
+
+    def loss(args, implementation, splits):
+        y, final = selective_scan(**args, delta_softplus=True, return_final_state=True,
+                                  implementation=implementation, chunk_size=4, sequence_splits=splits)
+        return jnp.sum(y * y_cotangent) + jnp.sum(final * state_cotangent), (y, final)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+    (_, expected_out), expected_grads = grad_fn(args, "reference", 1)
+    (_, out), grads = grad_fn(args, implementation, splits)
+    for actual, expected, what in zip(out, expected_out, ("y", "final state")):
+        assert actual.shape == expected.shape
+        assert_close(actual, expected, err_msg=what)
+    for name in args:
+        assert_close(grads[name], expected_grads[name], rtol=1e-4, atol_scale=1e-5, err_msg=f"d loss / d {name}")
+
+
+def test_default_sequence_splits_only_split_the_gpu_kernel_at_small_batch(monkeypatch):
+    module = importlib.import_module("samba_jax.ops.selective_scan")  # the module, not the op it exports
+    assert module.default_sequence_splits("chunked", 1, 1 << 17, 4096) == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert module.default_sequence_splits("chunked", 1, 1 << 17, 4096) == 1
+    long_prompt = module.default_sequence_splits("pallas", 1, 1 << 17, 4096)
+    assert long_prompt > 1 and (1 << 17) // long_prompt >= module._SPLIT_MIN_STEPS
+    assert 4096 * long_prompt >= module._SPLIT_TARGET_ROWS or (1 << 17) // long_prompt < 2 * module._SPLIT_MIN_STEPS
+    assert module.default_sequence_splits("pallas", 1, module._SPLIT_MIN_STEPS, 4096) == 1  # too short to split
+    assert module.default_sequence_splits("pallas", 4, 4096, 4096) == 1  # enough rows already (training)
+
+
+def test_bad_sequence_splits_raise_value_error_naming_them():
+    inputs = make_inputs(9, seq=8)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="`sequence_splits`"):
+            selective_scan(**inputs, sequence_splits=bad)
 
 
 @pytest.mark.parametrize("implementation", FAST_IMPLEMENTATIONS)
