@@ -13,6 +13,9 @@ or heads over `tensor`, the sequence over `context`):
   second scan replaces the correction term, which would need a seq x d_inner x d_state tensor).
 - sliding-window attention: each shard receives the last window - 1 keys and values of the shard
   before (a halo, one collective permute) and attends its queries over [halo, own keys].
+- full causal attention (and windows longer than a shard): ring attention. The key/value shards go
+  round the ring, one collective permute per step; each shard folds every visiting block into its
+  queries' output with the online softmax (running max, normaliser, weighted sum).
 
 Without an active mesh (or on one device) they call the plain ops.
 """
@@ -20,6 +23,7 @@ Without an active mesh (or on one device) they call the plain ops.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +31,14 @@ from jax import lax
 
 from samba_jax import sharding
 from samba_jax.ops.attention import sliding_window_attention
-from samba_jax.ops.selective_scan import selective_scan
+from samba_jax.ops.selective_scan import chunk_decay, selective_scan
 
 
 def scan_across_shards(u, delta, A, B, C, D, z, delta_bias, *, axis: str, delta_softplus: bool, **kwargs):
     """Inside shard_map: the selective scan of a sequence split over mesh axis `axis` (local views)."""
     _, final = selective_scan(u, delta, A, B, C, delta_bias=delta_bias, delta_softplus=delta_softplus,
                               return_final_state=True, **kwargs)  # (batch, d_inner, d_state), from zero
-    dt = delta.astype(jnp.float32) + (0.0 if delta_bias is None else delta_bias)
-    dt = jax.nn.softplus(dt) if delta_softplus else dt  # Δ exactly as the scan op computes it
-    decay = jnp.exp(A[None] * jnp.sum(dt, axis=1)[..., None])  # product over the shard of exp(Δ_t A)
+    decay = chunk_decay(delta, A, delta_bias, delta_softplus)  # product over the shard of exp(Δ_t A)
     finals = lax.all_gather(final, axis)  # (shards, batch, d_inner, d_state)
     decays = lax.all_gather(decay, axis)
     me = lax.axis_index(axis)
@@ -75,6 +77,48 @@ def attention_across_shards(q, k, v, *, window: int, axis: str, **kwargs):
         return sliding_window_attention(q, k, v, window, **kwargs)
 
     return lax.cond(lax.axis_index(axis) == 0, first_shard, with_halo, q, k, v, k_halo, v_halo)
+
+
+def ring_attention_across_shards(q, k, v, *, window: int | None, axis: str):
+    """Inside shard_map: causal attention (window None: full) of a sequence split over mesh axis `axis`.
+
+    q: (batch, local, q_heads, head_dim); k, v: (batch, local, kv_heads, head_dim), local views.
+    Float32 math with explicit masks from global positions (plain XLA: not the fused kernels; a
+    shard holds (batch, heads, local, local) scores per step). Every shard computes all `shards`
+    blocks, including those its causal mask empties (no load balancing yet).
+    """
+    shards, me = lax.axis_size(axis), lax.axis_index(axis)
+    batch, local, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    qf = (q.astype(jnp.float32) * head_dim ** -0.5).reshape(batch, local, kv_heads, group, head_dim)
+    q_pos = me * local + jnp.arange(local)
+    ring = [(i, (i + 1) % shards) for i in range(shards)]
+    masked = -1e30  # finite: a fully masked block then adds exp(-1e30 - max) = 0, never NaN
+
+    def visit(carry, step):
+        k_blk, v_blk, running_max, norm, acc = carry
+        k_pos = ((me - step) % shards) * local + jnp.arange(local)  # the block that arrived `step` hops ago
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - window
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", qf, k_blk.astype(jnp.float32))
+        scores = jnp.where(allowed, scores, masked)
+        new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
+        weights = jnp.exp(scores - new_max[..., None])
+        rescale = jnp.exp(running_max - new_max)
+        norm = norm * rescale + jnp.sum(weights, axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", weights, v_blk.astype(jnp.float32))
+        k_blk, v_blk = lax.ppermute(k_blk, axis, ring), lax.ppermute(v_blk, axis, ring)
+        return (k_blk, v_blk, new_max, norm, acc), None
+
+    stats = (batch, kv_heads, group, local)
+    carry = (k, v, jnp.full(stats, masked, jnp.float32), jnp.zeros(stats, jnp.float32),
+             jnp.zeros(stats + (head_dim,), jnp.float32))
+    # Step 0 is the shard's own (diagonal) block, where every query sees at least itself.
+    (_, _, _, norm, acc), _ = lax.scan(visit, carry, jnp.arange(shards))
+    out = acc / norm[..., None]  # (batch, kv_heads, group, local, head_dim)
+    return jnp.moveaxis(out, 3, 1).reshape(batch, local, heads, head_dim).astype(q.dtype)
 
 
 def _names_to_spec(*names):
@@ -127,8 +171,11 @@ def sliding_window_attention_on_mesh(q, k, v, window, **kwargs):
     if context is None:
         local = functools.partial(sliding_window_attention, window=window, **kwargs)
     else:
-        if window is None:
-            raise ValueError("full causal attention over a context-split sequence is not supported "
-                             "(TODO(issue 5)); use a window or mesh.context=1")
-        local = functools.partial(attention_across_shards, window=window, axis=context, **kwargs)
+        shards = math.prod(mesh.shape[a] for a in ((context,) if isinstance(context, str) else context))
+        seq = q.shape[1]
+        if window is not None and window - 1 <= seq // shards:  # the halo fits in one neighbour
+            local = functools.partial(attention_across_shards, window=window, axis=context, **kwargs)
+        else:  # full causal attention, or a window reaching past the previous shard
+            local = functools.partial(ring_attention_across_shards, window=None if window is None or window >= seq
+                                      else window, axis=context)
     return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(q, k, v)

@@ -149,12 +149,3 @@ def check_model_fits_mesh(model_cfg: Any, mesh_sizes: dict[str, int], seq_len: i
         if value % ways:
             raise ConfigError(f"config.{field}={value} is not divisible by {axis}={ways}, so the mesh cannot split "
                               f"it. Fix: change {field} or {axis} so that {ways} divides it.")
-    if context > 1:
-        if "attn" in model_cfg.pattern:
-            raise ConfigError("config.mesh.context > 1 supports 'swa' attention only; full 'attn' sublayers would "
-                              "need every key (TODO(issue 5)). Fix: set mesh.context=1 or use 'swa'.")
-        local = seq_len // context
-        if "swa" in model_cfg.pattern and model_cfg.window - 1 > local:
-            raise ConfigError(f"config.mesh.context={context} leaves {local} tokens per shard, fewer than the "
-                              f"window's {model_cfg.window - 1} earlier keys, which must come from one neighbour. "
-                              f"Fix: lower mesh.context to at most {seq_len // max(1, model_cfg.window - 1)}.")

@@ -90,13 +90,14 @@ def context_ops():
     q = jax.random.normal(k[0], (b, L, 4, 8))
     kk, v = jax.random.normal(k[1], (b, L, 2, 8)), jax.random.normal(k[2], (b, L, 2, 8))
     attn_err = {}
-    for window in (1, 5, 12, 13):  # 13 = local length + 1: the halo is the whole previous shard
+    # 13 = local length + 1: the halo is the whole previous shard; 20 and None (full): ring attention.
+    for window in (1, 5, 12, 13, 20, None):
         def loss(fn, q, kk, v, window=window):
             return jnp.sum(jnp.sin(fn(q, kk, v, window, implementation="reference")))
         want = jax.value_and_grad(lambda *x: loss(sliding_window_attention, *x), argnums=(0, 1, 2))(q, kk, v)
         got = on_mesh(jax.value_and_grad(lambda *x: loss(context_parallel.sliding_window_attention_on_mesh, *x),
                                          argnums=(0, 1, 2)))(q, kk, v)
-        attn_err[window] = max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-9))
+        attn_err[str(window)] = max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-9))
                                for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     return scan_err, attn_err
 
