@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -33,6 +35,7 @@ from samba_jax import generate  # noqa: E402
 from samba_jax.config import ModelConfig, flops_per_token, parameter_count  # noqa: E402
 from samba_jax.configs.base import load_experiment  # noqa: E402
 from samba_jax.model.samba import SambaLM  # noqa: E402
+from samba_jax.ops.selective_scan import default_sequence_splits, resolve_implementation  # noqa: E402
 
 PAPER = {"prefill_128k": 3.73, "decode_64k": 3.64}
 
@@ -52,18 +55,18 @@ def prefill_rate(cfg, params, seq, iters):
 
 
 def synthetic_state(cfg, batch, fill, capacity):
-    """A decoding state at position `fill` with caches of `capacity` slots holding random keys."""
+    """A decoding state at position `fill` with caches of `capacity` slots (filled with constants)."""
     layers = {}
-    dtype = jnp.dtype(cfg.compute_dtype)
-    for i, kind in enumerate(cfg.pattern):
-        r = cfg.num_repeats
+    dtype, r = jnp.dtype(cfg.compute_dtype), cfg.num_repeats
+    for i, kind in enumerate(cfg.pattern):  # per repeat, as generate.prefill returns it
         if kind == "mamba":
-            layers[f"mamba_{i}"] = {"conv": jnp.zeros((r, batch, cfg.ssm_conv - 1, cfg.d_inner), jnp.float32),
-                                    "h": jnp.zeros((r, batch, cfg.d_inner, cfg.ssm_state), jnp.float32)}
+            layers[f"mamba_{i}"] = tuple(
+                {"conv": jnp.zeros((batch, cfg.ssm_conv - 1, cfg.d_inner), jnp.float32),
+                 "h": jnp.zeros((batch, cfg.d_inner, cfg.ssm_state), jnp.float32)} for _ in range(r))
         elif kind in ("swa", "attn"):
-            slots = generate.cache_length(cfg, kind, capacity)
-            shape = (r, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-            layers[f"{kind}_{i}"] = {n: jax.random.normal(jax.random.key(len(layers)), shape, dtype) for n in "kv"}
+            shape = (batch, generate.cache_length(cfg, kind, capacity), cfg.num_kv_heads, cfg.head_dim)
+            # Any values do for timing; filled ones compile in seconds where 2 x repeats RNG calls took minutes.
+            layers[f"{kind}_{i}"] = tuple({n: jnp.full(shape, 0.01 * (j + 1), dtype) for n in "kv"} for j in range(r))
     slot_positions = {kind: jnp.broadcast_to(jnp.where(jnp.arange(s) < fill, jnp.arange(s), -1), (batch, s))
                       .astype(jnp.int32)
                       for kind in ("swa", "attn") if kind in cfg.pattern
@@ -71,19 +74,30 @@ def synthetic_state(cfg, batch, fill, capacity):
     return {"layers": layers, "slot_positions": slot_positions, "position": jnp.full((batch,), fill, jnp.int32)}
 
 
-def decode_step_time(cfg, params, batch, fill, capacity, steps=64):
-    """Seconds per decoding step (greedy, `steps` steps in one jitted scan) at context `fill`."""
+def decode_step_time(cfg, params, batch, fill, capacity, steps=64, iters=3):
+    """Seconds per decoding step (greedy, `steps` steps in one jitted scan) at context `fill`.
+
+    The state is donated, so the caches are updated in place (a 64K x batch 16 cache is ~45 GB).
+    """
     def run(params, state):
         def body(carry, _):
             token, state = carry
             logits, state = generate.decode_step(cfg, params, state, token)
             return (jnp.argmax(logits, -1).astype(jnp.int32), state), None
 
-        (token, _), _ = jax.lax.scan(body, (jnp.zeros((batch,), jnp.int32), state), None, length=steps)
-        return token
+        (token, state), _ = jax.lax.scan(body, (jnp.zeros((batch,), jnp.int32), state), None, length=steps)
+        return token, state  # returned, so the donated caches are updated in place
 
-    state = synthetic_state(cfg, batch, fill, capacity)
-    return median_ms(jax.jit(run), params, state, iters=3) / 1e3 / steps
+    params = generate.decode_params(cfg, params)  # split per repeat once, as generate.generate does
+    make_state, run = jax.jit(lambda: synthetic_state(cfg, batch, fill, capacity)), jax.jit(run, donate_argnums=1)
+    times = []
+    for _ in range(iters + 1):  # the first call compiles
+        state = jax.block_until_ready(make_state())
+        start = time.perf_counter()
+        out = jax.block_until_ready(run(params, state))
+        times.append(time.perf_counter() - start)
+        del out, state
+    return statistics.median(times[1:]) / steps
 
 
 def state_bytes(cfg, batch, context):
@@ -99,7 +113,7 @@ def main():
     p.add_argument("--prefill_seqs", default="4096,16384,65536,131072,262144")
     p.add_argument("--decode_batch", type=int, default=16)
     p.add_argument("--decode_tokens", type=int, default=65536)
-    p.add_argument("--decode_points", default="4096,16384,32768,65536")
+    p.add_argument("--decode_points", default="256,4096,16384,32768,65536")
     p.add_argument("--matmul_tflops", type=float, default=694.0, help="measured bf16 matmul rate (issue 7)")
     p.add_argument("--hbm_tb_s", type=float, default=3.4, help="measured HBM bandwidth (selective-scan issue)")
     p.add_argument("--iters", type=int, default=3)
@@ -115,8 +129,8 @@ def main():
           f"{parameter_count(transformer[0])['total'] / 1e6:.1f}M\n")
 
     print("| prompt tokens | samba tok/s | transformer tok/s | ratio | transformer model TFLOP/s (of "
-          f"{args.matmul_tflops:.0f}) |\n|---|---|---|---|---|")
-    for seq in (int(s) for s in args.prefill_seqs.split(",")):
+          f"{args.matmul_tflops:.0f}) | samba scan sequence splits |\n|---|---|---|---|---|---|")
+    for seq in (int(s) for s in args.prefill_seqs.split(",") if s):
         rates = []
         for cfg, params in (samba, transformer):
             try:
@@ -127,25 +141,38 @@ def main():
         s, t = rates
         tflops = t * flops_per_token(transformer[0], seq)["forward"] / 1e12 if t else None
         print(f"| {seq} | {s:,.0f} | " if s else f"| {seq} | failed | ", end="")
-        print(f"{t:,.0f} | {s / t:.2f}x | {tflops:.0f} |" if t and s else f"{t or 'failed'} | - | - |", flush=True)
+        scan = samba[0].scan_implementation or None
+        splits = samba[0].scan_sequence_splits or default_sequence_splits(resolve_implementation(scan), 1, seq,
+                                                                           samba[0].d_inner)
+        print(f"{t:,.0f} | {s / t:.2f}x | {tflops:.0f} |" if t and s else f"{t or 'failed'} | - | - |", end="")
+        print(f" {splits} |", flush=True)
 
     batch, total = args.decode_batch, args.decode_tokens
     samba_step = decode_step_time(*samba, batch, fill=4096, capacity=4096 + total)
-    points = [int(x) for x in args.decode_points.split(",")]
-    times = {fill: decode_step_time(*transformer, batch, fill=fill, capacity=fill) for fill in points}
-    # Integrate the Transformer's step time over contexts 0 .. total (linear between measured fills).
-    grid = np.arange(total)
-    transformer_s = float(np.sum(np.interp(grid, points, [times[f] for f in points])))
-    samba_s = samba_step * total
+    print(f"\nDecode, batch {batch}: samba {samba_step * 1e3:.2f} ms/step at every context "
+          f"({batch / samba_step:,.0f} tok/s)\n")
     weights = parameter_count(transformer[0])["total"] * 2  # bf16
-    print(f"\nDecode, batch {batch}, {total} new tokens: samba {batch * total / samba_s:,.0f} tok/s "
-          f"({samba_step * 1e3:.2f} ms/step), transformer {batch * total / transformer_s:,.0f} tok/s; ratio "
-          f"{transformer_s / samba_s:.2f}x (paper {PAPER['decode_64k']}x)\n")
-    print(f"| transformer context | ms/step | GB read/step (weights + KV) | TB/s (of {args.hbm_tb_s}) |")
-    print("|---|---|---|---|")
-    for fill in points:
+    print(f"| transformer context | ms/step | tok/s | GB read/step (weights + KV) | TB/s (of {args.hbm_tb_s}) |")
+    print("|---|---|---|---|---|")
+    times = {}
+    for fill in (int(x) for x in args.decode_points.split(",")):
+        try:
+            times[fill] = decode_step_time(*transformer, batch, fill=fill, capacity=fill)
+        except Exception as e:  # noqa: BLE001  (out of memory is a table entry)
+            print(f"| {fill} | failed: {type(e).__name__}: {str(e)[:80]} ||||")
+            continue
         read = weights + state_bytes(transformer[0], batch, fill)
-        print(f"| {fill} | {times[fill] * 1e3:.2f} | {read / 1e9:.1f} | {read / times[fill] / 1e12:.2f} |")
+        print(f"| {fill} | {times[fill] * 1e3:.2f} | {batch / times[fill]:,.0f} | {read / 1e9:.1f} | "
+              f"{read / times[fill] / 1e12:.2f} |", flush=True)
+    # Integrate the Transformer's step time over contexts 0 .. total (linear between measured fills;
+    # below the first fill its time, beyond the last the last one's: both favour the Transformer
+    # only if the largest fill is short of `total`, which the table then shows).
+    points = sorted(times)
+    transformer_s = float(np.sum(np.interp(np.arange(total), points, [times[f] for f in points])))
+    samba_s = samba_step * total
+    print(f"\nDecode, batch {batch}, {total} new tokens: samba {batch * total / samba_s:,.0f} tok/s, transformer "
+          f"{batch * total / transformer_s:,.0f} tok/s; ratio {transformer_s / samba_s:.2f}x "
+          f"(paper {PAPER['decode_64k']}x; transformer measured up to {points[-1]} context)")
     mib = {ctx: state_bytes(samba[0], batch, ctx) / 2**20 for ctx in (4096, 1 << 20)}
     gib = {ctx: state_bytes(transformer[0], batch, ctx) / 2**30 for ctx in (4096, 1 << 20)}
     print(f"\nDecoding state at 4K / 1M context, batch {batch}: samba {mib[4096]:.1f} / {mib[1 << 20]:.1f} MiB; "

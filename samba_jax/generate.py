@@ -66,7 +66,8 @@ def prefill(cfg: ModelConfig, params: Any, tokens: jax.Array, max_len: int, stat
     variables = {"params": params}
     if state is not None:
         previous = {}
-        for name, st in state["layers"].items():
+        for name, repeats in state["layers"].items():
+            st = stack_repeats(repeats)  # the scanned model takes the repeats stacked
             if name.startswith("mamba"):
                 previous[name] = {"previous": st}
             else:
@@ -89,8 +90,31 @@ def prefill(cfg: ModelConfig, params: Any, tokens: jax.Array, max_len: int, stat
             layers[f"{kind}_{i}"] = {n: _ring(kv[n], end - kv[n].shape[2], end, slots) for n in ("k", "v")}
     positions = {kind: _ring_positions(end, cache_length(cfg, kind, max_len), batch)
                  for kind in ("swa", "attn") if kind in cfg.pattern}
+    layers = {name: unstack_repeats(st, cfg.num_repeats) for name, st in layers.items()}
     state = {"layers": layers, "slot_positions": positions, "position": jnp.full((batch,), end, jnp.int32)}
     return logits[:, -1], state
+
+
+def unstack_repeats(tree: Any, repeats: int) -> tuple:
+    """A pytree of arrays stacked over the scanned repeats (leading axis) -> a tuple of `repeats` pytrees.
+
+    The decoding step keeps its caches and weights per repeat: each cache is then its own buffer,
+    updated in place one slot per token, and each weight is read without slicing a stacked array.
+    """
+    return tuple(jax.tree.map(lambda a, j=j: a[j], tree) for j in range(repeats))
+
+
+def stack_repeats(per_repeat: Sequence[Any]) -> Any:
+    """The inverse of `unstack_repeats`."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *per_repeat)
+
+
+def decode_params(cfg: ModelConfig, params: Any) -> Any:
+    """The parameters with the scanned blocks split per repeat, once, for `decode_step` (optional:
+    it also takes the training layout, then slicing the weights in every step)."""
+    if isinstance(params["blocks"], tuple):
+        return params
+    return {**params, "blocks": unstack_repeats(params["blocks"], cfg.num_repeats)}
 
 
 def prefill_seen(cfg: ModelConfig, start: int, max_len: int) -> dict[str, int]:
@@ -138,30 +162,34 @@ def _attention_step(cfg: ModelConfig, p: Any, x: jax.Array, st: dict, slot_posit
 
 
 def decode_step(cfg: ModelConfig, params: Any, state: dict, token: jax.Array) -> tuple[jax.Array, dict]:
-    """token (batch,) int32 at state["position"] -> (logits (batch, vocab) float32, next state)."""
+    """token (batch,) int32 at state["position"] -> (logits (batch, vocab) float32, next state).
+
+    The repeats are unrolled (not scanned), so every cache is updated in place when the state is
+    donated, and a step reads each weight and each cache entry once; `decode_params` splits the
+    weights per repeat ahead of the loop.
+    """
     position = state["position"]
     slot_positions = {kind: pos.at[jnp.arange(pos.shape[0]), position % pos.shape[1]].set(position)
                       for kind, pos in state["slot_positions"].items()}
     x = jnp.take(params["embed"]["embedding"], token, axis=0)  # (batch, d_model) float32
-
-    def repeat(x, scanned):
-        p, layer_state = scanned
-        new_state = {}
+    blocks = decode_params(cfg, params)["blocks"]
+    layers = {name: [] for name in state["layers"]}
+    for repeat, p in enumerate(blocks):
         for i, kind in enumerate(cfg.pattern):
             h = RMSNorm(cfg.norm_eps).apply({"params": p[f"norm_{i}"]}, x)
             name = f"{kind}_{i}"
             if kind == "mamba":
-                h, new_state[name] = _mamba_step(cfg, p[name], h, layer_state[name])
+                h, new = _mamba_step(cfg, p[name], h, state["layers"][name][repeat])
+                layers[name].append(new)
             elif kind == "mlp":
                 h = SwiGLU(cfg.mlp_hidden, jnp.dtype(cfg.compute_dtype)).apply({"params": p[name]}, h)
             else:
                 window = cfg.window if kind == "swa" else None
-                h, new_state[name] = _attention_step(cfg, p[name], h, layer_state[name], slot_positions[kind],
-                                                     position, window)
+                h, new = _attention_step(cfg, p[name], h, state["layers"][name][repeat], slot_positions[kind],
+                                         position, window)
+                layers[name].append(new)
             x = x + h.astype(F32)
-        return x, new_state
-
-    x, layers = jax.lax.scan(repeat, x, (params["blocks"], state["layers"]))
+    layers = {name: tuple(per_repeat) for name, per_repeat in layers.items()}
     x = RMSNorm(cfg.norm_eps).apply({"params": params["final_norm"]}, x)
     dtype = jnp.dtype(cfg.compute_dtype)
     if cfg.tie_embeddings:
@@ -212,6 +240,7 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]], ma
     for row, p in enumerate(prompts):
         padded[row, :len(p)] = p
     logits, state = prefill_chunks(cfg, params, jnp.asarray(padded[:, :first]), total, prefill_chunk)
+    params = decode_params(cfg, params)
     step = jax.jit(functools.partial(_step_and_sample, cfg, temperature=temperature, top_k=top_k, top_p=top_p),
                    donate_argnums=1)
     key = jax.random.key(seed)
