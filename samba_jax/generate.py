@@ -110,11 +110,26 @@ def stack_repeats(per_repeat: Sequence[Any]) -> Any:
 
 
 def decode_params(cfg: ModelConfig, params: Any) -> Any:
-    """The parameters with the scanned blocks split per repeat, once, for `decode_step` (optional:
-    it also takes the training layout, then slicing the weights in every step)."""
+    """The parameters as the decoding step reads them fastest, prepared once (optional: `decode_step`
+    also takes the training layout, and then redoes this in every step).
+
+    The scanned blocks are split per repeat, and the matmul weights (every Dense `kernel`, and the
+    tied embedding as the output head) are cast to the compute dtype: the matmuls cast them anyway,
+    but a step that starts from float32 weights reads twice the bytes and writes a copy.
+    """
     if isinstance(params["blocks"], tuple):
         return params
-    return {**params, "blocks": unstack_repeats(params["blocks"], cfg.num_repeats)}
+    dtype = jnp.dtype(cfg.compute_dtype)
+
+    def to_compute_dtype(path, a):
+        return a.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else a
+
+    out = jax.tree_util.tree_map_with_path(to_compute_dtype, {k: v for k, v in params.items() if k != "embed"})
+    out["embed"] = params["embed"]  # looked up in float32, as in the parallel model
+    out["blocks"] = unstack_repeats(out["blocks"], cfg.num_repeats)
+    if cfg.tie_embeddings:
+        out["tied_head"] = params["embed"]["embedding"].astype(dtype)
+    return out
 
 
 def prefill_seen(cfg: ModelConfig, start: int, max_len: int) -> dict[str, int]:
@@ -165,14 +180,15 @@ def decode_step(cfg: ModelConfig, params: Any, state: dict, token: jax.Array) ->
     """token (batch,) int32 at state["position"] -> (logits (batch, vocab) float32, next state).
 
     The repeats are unrolled (not scanned), so every cache is updated in place when the state is
-    donated, and a step reads each weight and each cache entry once; `decode_params` splits the
+    donated, and a step reads each weight and each cache entry once; `decode_params` prepares the
     weights per repeat ahead of the loop.
     """
     position = state["position"]
     slot_positions = {kind: pos.at[jnp.arange(pos.shape[0]), position % pos.shape[1]].set(position)
                       for kind, pos in state["slot_positions"].items()}
     x = jnp.take(params["embed"]["embedding"], token, axis=0)  # (batch, d_model) float32
-    blocks = decode_params(cfg, params)["blocks"]
+    params = decode_params(cfg, params)
+    blocks = params["blocks"]
     layers = {name: [] for name in state["layers"]}
     for repeat, p in enumerate(blocks):
         for i, kind in enumerate(cfg.pattern):
@@ -193,7 +209,7 @@ def decode_step(cfg: ModelConfig, params: Any, state: dict, token: jax.Array) ->
     x = RMSNorm(cfg.norm_eps).apply({"params": params["final_norm"]}, x)
     dtype = jnp.dtype(cfg.compute_dtype)
     if cfg.tie_embeddings:
-        logits = jnp.dot(x.astype(dtype), params["embed"]["embedding"].T.astype(dtype))
+        logits = jnp.dot(x.astype(dtype), params["tied_head"].T)
     else:
         logits = Dense(cfg.vocab_size, ("embed", "vocab"), dtype).apply({"params": params["lm_head"]}, x)
     return logits.astype(F32), {"layers": layers, "slot_positions": slot_positions, "position": position + 1}

@@ -1,5 +1,7 @@
 """Generation (samba_jax/generate.py): decoding step by step equals the parallel forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,21 @@ def test_generate_with_small_prefill_chunks_matches_one_piece():
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9]]
     assert (generate.generate(cfg, params, prompts, 6, prefill_chunk=4)
             == generate.generate(cfg, params, prompts, 6, prefill_chunk=0))
+
+
+def test_decode_params_cast_only_matmul_weights_and_keep_the_step_identical():
+    cfg, params = model()
+    cfg = dataclasses.replace(cfg, compute_dtype="bfloat16")
+    prepared = generate.decode_params(cfg, params)
+    assert isinstance(prepared["blocks"], tuple) and len(prepared["blocks"]) == cfg.num_repeats
+    for path, leaf in jax.tree_util.tree_flatten_with_path(prepared)[0]:
+        name = jax.tree_util.keystr(path)
+        kernel = name.endswith("['kernel']") or name == "['tied_head']"
+        assert leaf.dtype == (jnp.bfloat16 if kernel else jnp.float32), name
+    assert prepared["embed"]["embedding"].dtype == jnp.float32  # the lookup stays float32
+    assert generate.decode_params(cfg, prepared) is prepared  # prepared once
+    _, state = generate.prefill(cfg, params, jnp.array([[5, 7, 11]]), max_len=16)
+    token = jnp.array([3])
+    raw, _ = generate.decode_step(cfg, params, state, token)
+    fast, _ = generate.decode_step(cfg, prepared, state, token)
+    np.testing.assert_array_equal(raw, fast)  # the same bf16 matmuls, cast once instead of per step
