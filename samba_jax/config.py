@@ -66,6 +66,7 @@ class ModelConfig:
     attention_implementation: str = ""
     attention_block: int = 0  # 0: the op's default
     remat: str = "none"  # none | block | save_dots
+    loss_chunks: int = 0  # head + cross-entropy in this many groups of positions; 0: auto (model/chunked_loss.py)
 
     @property
     def d_inner(self) -> int:
@@ -135,6 +136,9 @@ class ModelConfig:
             _fail("model.compute_dtype", f"unknown dtype {self.compute_dtype!r}", "use float32, bfloat16 or float16")
         if self.remat not in ("none", "block", "save_dots"):
             _fail("model.remat", f"unknown policy {self.remat!r}", "use none, block or save_dots")
+        if self.loss_chunks < 0:
+            _fail("model.loss_chunks", f"must be >= 0, got {self.loss_chunks}",
+                  "use 0 (chunk once the logits would exceed 4 GiB), 1 (never) or a divisor of data.seq_len")
         if not 0 < self.dt_min <= self.dt_max:
             _fail("model.dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}", "use 1e-3 and 1e-1")
 
@@ -155,6 +159,9 @@ def validate_run(config: Any, model_cfg: ModelConfig, process_count: int | None 
     if "swa" in model_cfg.pattern and model_cfg.window > seq_len:
         _fail("model.window", f"{model_cfg.window} is longer than data.seq_len={seq_len}, so it is full attention",
               "lower model.window to at most data.seq_len, or use the 'attn' sublayer for full attention")
+    if model_cfg.loss_chunks > 1 and seq_len % model_cfg.loss_chunks:
+        _fail("model.loss_chunks", f"{model_cfg.loss_chunks} does not divide data.seq_len={seq_len}",
+              "use a divisor of data.seq_len, or 0 to let the loss choose")
     if config.batch_size < 1 or config.micro_batch_size < 1:
         _fail("batch_size", "batch sizes must be positive", "set batch_size and micro_batch_size >= 1")
     if config.batch_size % config.micro_batch_size:

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from samba_jax.config import ModelConfig
-from samba_jax.model.samba import SambaLM
+from samba_jax.model.chunked_loss import auto_chunks, chunked_cross_entropy
+from samba_jax.model.samba import SambaLM, head_matrix
 
 State = dict[str, Any]
 
@@ -73,10 +74,21 @@ def init_state_on_mesh(model_cfg: ModelConfig, tx: optax.GradientTransformation,
 
 
 def next_token_loss(model: SambaLM, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed cross-entropy and token count. tokens: (batch, seq + 1) int32."""
-    logits = model.apply({"params": params}, tokens[:, :-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+    """Summed cross-entropy and token count. tokens: (batch, seq + 1) int32.
+
+    The head and softmax run in `model.cfg.loss_chunks` groups of positions (0: as many as keep
+    one group's logits under 4 GiB), so long sequences never hold the whole logits tensor.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    cfg = model.cfg
+    chunks = cfg.loss_chunks or auto_chunks(*inputs.shape, cfg.vocab_size)
+    count = jnp.asarray(targets.size, jnp.float32)
+    if chunks == 1:
+        logits = model.apply({"params": params}, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).sum(), count
+    hidden = model.apply({"params": params}, inputs, return_hidden=True)
+    total = chunked_cross_entropy(hidden, head_matrix(cfg, params), targets, chunks, jnp.dtype(cfg.compute_dtype))
+    return total, count
 
 
 def update_skips(skips: dict[str, jax.Array], skipped: jax.Array, step: jax.Array,

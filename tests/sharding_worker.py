@@ -6,6 +6,7 @@ from the same steps on one device; and the context-parallel ops against the plai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -29,6 +30,8 @@ MESHES = {
     "tensor": dict(fsdp=1, data=4, tensor=2),
     "fsdp_tensor": dict(fsdp=4, tensor=2),
     "context": dict(fsdp=2, context=4),
+    # The head + loss in 4 strided groups of positions, each still split over the context axis.
+    "context_chunked_loss": dict(fsdp=2, context=4, loss_chunks=4),
 }
 
 
@@ -111,7 +114,9 @@ def main():
     base_losses, base_params, _ = train(model_cfg, c, tokens)
     out = {"single": base_losses, "meshes": {}}
     for name, mesh_cfg in MESHES.items():
-        losses, params, sharded = train(model_cfg, c, tokens, mesh_cfg)
+        mesh_cfg = dict(mesh_cfg)
+        cfg = dataclasses.replace(model_cfg, loss_chunks=mesh_cfg.pop("loss_chunks", 0))
+        losses, params, sharded = train(cfg, c, tokens, mesh_cfg)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
         out["meshes"][name] = {"losses": losses, "param_diff": diff, "sharded_leaves": int(sharded)}
     out["scan_err"], out["attn_err"] = context_ops()

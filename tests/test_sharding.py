@@ -29,13 +29,13 @@ def eight_devices():
     return json.loads(lines[0][len("RESULT "):])
 
 
-@pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "fsdp_tensor", "context"])
+@pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "fsdp_tensor", "context", "context_chunked_loss"])
 def test_every_mesh_trains_like_one_device(eight_devices, mesh):
     single, got = eight_devices["single"], eight_devices["meshes"][mesh]
     for a, b in zip(got["losses"], single):
         assert abs(a - b) <= 1e-5 * abs(b), (mesh, got["losses"], single)
     assert got["param_diff"] < 1e-5, got
-    if mesh in ("fsdp", "tensor", "fsdp_tensor", "context"):
+    if mesh in ("fsdp", "tensor", "fsdp_tensor", "context", "context_chunked_loss"):
         assert got["sharded_leaves"] > 0, "parameters should be split across devices"
     else:
         assert got["sharded_leaves"] == 0, "pure data parallelism replicates parameters"

@@ -57,12 +57,17 @@ class PatternBlock(nn.Module):
 
 
 class SambaLM(nn.Module):
-    """tokens (batch, seq) int32 -> logits (batch, seq, vocab) float32."""
+    """tokens (batch, seq) int32 -> logits (batch, seq, vocab) float32.
+
+    return_hidden: give the final-normed hidden states (batch, seq, d_model) float32 instead of the
+    logits, for a loss that applies the head itself (`head_matrix`, model/chunked_loss.py).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 return_hidden: bool = False) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         if positions is None:
@@ -84,11 +89,18 @@ class SambaLM(nn.Module):
         x, _ = blocks(cfg, name="blocks")(x, positions)
 
         x = RMSNorm(cfg.norm_eps, name="final_norm")(x)
+        if return_hidden:
+            return x
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), dtype, name="lm_head")(x)
         return logits.astype(jnp.float32)
+
+
+def head_matrix(cfg: ModelConfig, params) -> jax.Array:
+    """The output head as a (d_model, vocab) float32 matrix: the tied embedding's transpose or lm_head."""
+    return params["embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
