@@ -9,9 +9,12 @@ TINY = ["--override=d_model=64", "--override=num_repeats=1", "--override=num_hea
         "--override=head_dim=32", "--override=mlp_hidden=128", "--override=vocab_size=256", "--override=window=64"]
 
 
-def run(script, *args):
+def run(script, *args, devices=None):
+    env = dict(os.environ)
+    if devices:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -33,3 +36,17 @@ def test_selective_scan_benchmark_prints_its_table():
     out = run("selective_scan.py", "--shapes=1x64x32", "--dtypes=float32", "--impls=chunked,associative,pallas:16",
               "--iters=1")
     assert "| 1x64x32 | float32 | associative |" in out and "| 1x64x32 | float32 | pallas:16 |" in out
+
+
+def test_train_step_benchmark_scales_over_a_mesh_and_prints_the_ratio():
+    out = run("train_step.py", "--experiment=experiments/tiny.py", "--mesh=fsdp=1", "--mesh=fsdp=2",
+              "--micro_batches=2", "--per_batch_shard", "--seq_len=32", "--steps=1", devices=2)
+    assert "| tiny | fsdp=1 | 1 | 2 x 32 |" in out and "| tiny | fsdp=2 | 2 | 4 x 32 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| tiny | fsdp=2 |"))
+    assert row.split("|")[8].strip().endswith("x"), row  # the "vs 1 device" ratio is filled in
+
+
+def test_collectives_benchmark_prints_its_table():
+    out = run("collectives.py", "--sizes_mib=1", "--iters=1", devices=2)
+    for name in ("all-reduce", "all-gather", "reduce-scatter", "ppermute (ring)"):
+        assert f"| {name} | 1 |" in out
