@@ -121,6 +121,16 @@ def ring_attention_across_shards(q, k, v, *, window: int | None, axis: str):
     return jnp.moveaxis(out, 3, 1).reshape(batch, local, heads, head_dim).astype(q.dtype)
 
 
+def _shards(mesh, axes) -> int:
+    """How many pieces mesh axes `axes` (None, a name or a tuple of names) split a dimension into.
+
+    A mesh always has a `context` axis, usually of size 1; the two-pass context-parallel paths must
+    not run then (on 2 H200s they made every Mamba layer scan twice: BENCHMARKS.md, scale-out)."""
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def _names_to_spec(*names):
     return sharding.logical_spec(names)
 
@@ -136,7 +146,7 @@ def selective_scan_on_mesh(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     channel = _names_to_spec("ssm_inner")
     a_spec = _names_to_spec("ssm_inner", None)
     context = seq_spec[1]
-    if context is None:
+    if _shards(mesh, context) == 1:  # the sequence is whole on every device: the plain op, one pass
         body = functools.partial(selective_scan, delta_softplus=delta_softplus, **kwargs)
         body = _positional(body)
     else:
@@ -168,10 +178,10 @@ def sliding_window_attention_on_mesh(q, k, v, window, **kwargs):
     q_spec = _names_to_spec("act_batch", "act_length", "heads", None)
     kv_spec = _names_to_spec("act_batch", "act_length", "kv_heads", None)
     context = q_spec[1]
-    if context is None:
+    shards = _shards(mesh, context)
+    if shards == 1:  # the sequence is whole on every device: no halo, no ring
         local = functools.partial(sliding_window_attention, window=window, **kwargs)
     else:
-        shards = math.prod(mesh.shape[a] for a in ((context,) if isinstance(context, str) else context))
         seq = q.shape[1]
         if window is not None and window - 1 <= seq // shards:  # the halo fits in one neighbour
             local = functools.partial(attention_across_shards, window=window, axis=context, **kwargs)

@@ -113,12 +113,24 @@ def main():
     tokens = [rng.integers(0, 256, (1, BATCH, SEQ + 1), np.int32) for _ in range(STEPS)]
     base_losses, base_params, _ = train(model_cfg, c, tokens)
     out = {"single": base_losses, "meshes": {}}
+    # Count traces of the two-pass context-parallel paths: only meshes that split the sequence may use them.
+    traced = {"scan": 0, "attention": 0}
+    for key, fn_name in (("scan", "scan_across_shards"), ("attention", "attention_across_shards")):
+        original = getattr(context_parallel, fn_name)
+
+        def counting(*args, _original=original, _key=key, **kwargs):
+            traced[_key] += 1
+            return _original(*args, **kwargs)
+
+        setattr(context_parallel, fn_name, counting)
     for name, mesh_cfg in MESHES.items():
         mesh_cfg = dict(mesh_cfg)
         cfg = dataclasses.replace(model_cfg, loss_chunks=mesh_cfg.pop("loss_chunks", 0))
+        traced.update(scan=0, attention=0)
         losses, params, sharded = train(cfg, c, tokens, mesh_cfg)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
-        out["meshes"][name] = {"losses": losses, "param_diff": diff, "sharded_leaves": int(sharded)}
+        out["meshes"][name] = {"losses": losses, "param_diff": diff, "sharded_leaves": int(sharded),
+                               "context_parallel_traces": dict(traced)}
     out["scan_err"], out["attn_err"] = context_ops()
     print("RESULT " + json.dumps(out))
 

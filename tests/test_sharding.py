@@ -39,6 +39,11 @@ def test_every_mesh_trains_like_one_device(eight_devices, mesh):
         assert got["sharded_leaves"] > 0, "parameters should be split across devices"
     else:
         assert got["sharded_leaves"] == 0, "pure data parallelism replicates parameters"
+    traces = got["context_parallel_traces"]
+    if mesh.startswith("context"):
+        assert traces["scan"] > 0 and traces["attention"] > 0, traces
+    else:  # a context axis of size 1 must not run the two-pass scan or the halo exchange
+        assert traces == {"scan": 0, "attention": 0}, traces
 
 
 def test_context_parallel_ops_equal_the_plain_ops(eight_devices):
