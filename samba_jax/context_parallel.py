@@ -67,16 +67,19 @@ def attention_across_shards(q, k, v, *, window: int, axis: str, **kwargs):
     k_halo = lax.ppermute(k[:, -halo:], axis, to_next)  # shard 0 receives zeros, and ignores them
     v_halo = lax.ppermute(v[:, -halo:], axis, to_next)
 
-    def with_halo(q, k, v, k_halo, v_halo):
-        q_ext = jnp.concatenate([jnp.zeros((q.shape[0], halo) + q.shape[2:], q.dtype), q], axis=1)
-        out = sliding_window_attention(q_ext, jnp.concatenate([k_halo, k], 1), jnp.concatenate([v_halo, v], 1),
-                                       window, **kwargs)
-        return out[:, halo:]
+    # Every shard runs one attention over halo + local tokens. Shards after the first put the halo
+    # in front ([halo keys, own keys], queries padded in front); the first shard, which has no
+    # tokens before it, puts the padding *after* its own tokens, where causality hides it. A select
+    # (not lax.cond, whose gradient keeps both branches' residuals) picks the layout per shard.
+    first = lax.axis_index(axis) == 0
 
-    def first_shard(q, k, v, k_halo, v_halo):
-        return sliding_window_attention(q, k, v, window, **kwargs)
+    def extend(x, x_halo):
+        pad = jnp.zeros_like(x_halo)
+        return jnp.where(first, jnp.concatenate([x, pad], 1), jnp.concatenate([x_halo, x], 1))
 
-    return lax.cond(lax.axis_index(axis) == 0, first_shard, with_halo, q, k, v, k_halo, v_halo)
+    q_ext = extend(q, jnp.zeros((q.shape[0], halo) + q.shape[2:], q.dtype))
+    out = sliding_window_attention(q_ext, extend(k, k_halo), extend(v, v_halo), window, **kwargs)
+    return lax.dynamic_slice_in_dim(out, jnp.where(first, 0, halo), q.shape[1], axis=1)
 
 
 def ring_attention_across_shards(q, k, v, *, window: int | None, axis: str):
