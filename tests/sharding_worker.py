@@ -102,7 +102,22 @@ def context_ops():
                                          argnums=(0, 1, 2)))(q, kk, v)
         attn_err[str(window)] = max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-9))
                                for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-    return scan_err, attn_err
+    # Mamba's causal conv (width 4: a 3-input halo from the previous shard), values and gradients.
+    from samba_jax.model.mamba import causal_depthwise_conv
+
+    conv_kernel, conv_bias = jax.random.normal(k[3], (4, d)), jax.random.normal(k[4], (d,))
+
+    def conv_loss(fn, x, w, bias):
+        return jnp.sum(fn(x, w, bias) * weights)
+
+    plain = lambda x, w, bias: causal_depthwise_conv(x, w, bias)  # noqa: E731
+    sharded = lambda x, w, bias: context_parallel.causal_conv_on_mesh(x, w, bias, causal_depthwise_conv)  # noqa: E731
+    want = jax.value_and_grad(lambda *x: conv_loss(plain, *x), argnums=(0, 1, 2))(args["u"], conv_kernel, conv_bias)
+    got = on_mesh(jax.value_and_grad(lambda *x: conv_loss(sharded, *x), argnums=(0, 1, 2)))(
+        args["u"], conv_kernel, conv_bias)
+    conv_err = max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-9))
+                   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    return scan_err, attn_err, conv_err
 
 
 def main():
@@ -131,7 +146,7 @@ def main():
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
         out["meshes"][name] = {"losses": losses, "param_diff": diff, "sharded_leaves": int(sharded),
                                "context_parallel_traces": dict(traced)}
-    out["scan_err"], out["attn_err"] = context_ops()
+    out["scan_err"], out["attn_err"], out["conv_err"] = context_ops()
     print("RESULT " + json.dumps(out))
 
 

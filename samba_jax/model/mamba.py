@@ -81,7 +81,10 @@ class MambaMixer(nn.Module):
         previous = self.get_variable(DECODE_STATE, "previous") if self.has_variable(DECODE_STATE, "previous") else None
         if previous is not None:  # a later prefill chunk: the conv sees the previous chunk's last inputs
             x_in = jnp.concatenate([previous["conv"].astype(x_in.dtype), x_in], axis=1)
-        conv_out = causal_depthwise_conv(x_in, conv_kernel, conv_bias)
+        if previous is None:
+            conv_out = context_parallel.causal_conv_on_mesh(x_in, conv_kernel, conv_bias, causal_depthwise_conv)
+        else:
+            conv_out = causal_depthwise_conv(x_in, conv_kernel, conv_bias)
         u = nn.silu(conv_out if previous is None else conv_out[:, tail:]).astype(dtype)
 
         x_dbl = Dense(rank + 2 * n, ("ssm_inner", "ssm_proj"), dtype, name="x_proj")(u)
