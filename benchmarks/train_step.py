@@ -15,9 +15,10 @@ trainer's sharded step (samba_jax.sharding: state sharded by the logical-axis ru
 with the batch sharding) on the first prod(degrees) devices, exactly as samba_jax.train does, and
 `--per_batch_shard` multiplies the micro-batch by data*fsdp (weak scaling). "vs 1 device" divides
 tokens/s by that of the 1-device row of the same experiment and sequence in the same run.
-Tokens/s is the step's tokens over its median wall time; MFU uses `samba_jax.config.flops_per_token` (MaxText's convention: matmuls 2 FLOPs
-per MAC, causal attention halved, sliding window T*W - W^2/2, training 3x forward, plus the
-selective scan's 9*d_inner*d_state per token) over the chip's dense bf16 peak. Baseline: the
+Tokens/s is the step's tokens over its median wall time; MFU uses
+`samba_jax.config.flops_per_token` (MaxText's convention: matmuls 2 FLOPs per MAC, causal
+attention halved, sliding window T*W - W^2/2, training 3x forward, plus the selective scan's
+9*d_inner*d_state per token) over the chip's dense bf16 peak times the devices. Baseline: the
 PyTorch reference stack on the same GPU, as quoted in the selective-scan issue.
 """
 
