@@ -44,27 +44,39 @@ def inputs(batch, seq, width, dtype, d_state=16):
 
 def scan_fn(impl: str):
     """pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the step-by-step Triton kernel),
-    tile:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]] (the tile-scan Triton kernel), or an ops implementation,
+    tile:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]] (the tile-scan Triton kernel),
+    cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS]] (the channel-major kernel), or an ops
+    implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
     optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8."""
     impl, _, splits = impl.partition("/")
+    if impl.partition(":")[2] in ("triton", "triton_channel_major", "triton_tile"):
+        impl = impl.replace(":", "@")  # an ops implementation name, not kernel knobs
     if splits:
         if ":" in impl:
             raise ValueError(f"/SPLITS applies to ops implementations, not kernel knobs: {impl}")
         count = None if splits == "auto" else int(splits)
-        return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl, sequence_splits=count)
+        return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl.replace("@", ":"),
+                                              sequence_splits=count)
     name, *knobs = impl.split(":")
+    if name == "cm":
+        from pallas_kernels.selective_scan import selective_scan as fused
+
+        keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps")
+        tuning = dict(zip(keys, (int(k) for k in knobs)))
+        chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
+        return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major", **chunk)
     if name in ("pallas", "tile") and knobs:
         from pallas_kernels.selective_scan import selective_scan as fused
 
         block_d, *rest = (int(k) for k in knobs)
         if name == "pallas":
             tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
-            return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning)
+            return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, backend="triton")
         chunk = dict(chunk_size=rest[0]) if rest else {}
         tuning = dict(zip(("fwd_warps", "bwd_warps"), rest[1:]))
         return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, backend="triton_tile",
                                  **chunk)
-    return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=name)
+    return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl.replace("@", ":"))
 
 
 def main():

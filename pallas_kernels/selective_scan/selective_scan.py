@@ -5,10 +5,11 @@ Semantics of mamba_ssm's `selective_scan_fn`, channels-last (as `samba_jax.ops.s
 y_t = C_t·h_t + D u_t; y *= silu(z). Everything from the softplus to the gate runs inside the
 kernel; the backward recomputes states from chunk-boundary states, so no (batch, seq, d_inner,
 d_state) tensor is ever allocated. On a CPU backend the same kernels run in Pallas interpret mode.
-Interchangeable kernel modules: `triton_kernels` (GPU, one step at a time; the default off TPU),
-`triton_tile_kernels` (GPU, a parallel scan per tile of steps; measured slower, backend="triton_tile")
-and `tpu_kernels` (Mosaic TPU; the default on TPU, or forced with backend="tpu", e.g. in interpret
-mode on CPU).
+Interchangeable kernel modules: `triton_channel_major_kernels` (GPU, a parallel scan per tile of
+steps with the steps contiguous; the fastest measured, the default off TPU), `triton_kernels` (GPU,
+one step at a time, backend="triton"), `triton_tile_kernels` (GPU, tiles with the channels
+contiguous; slower, backend="triton_tile") and `tpu_kernels` (Mosaic TPU; the default on TPU, or
+forced with backend="tpu", e.g. in interpret mode on CPU).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selective_scan import tpu_kernels, triton_kernels, triton_tile_kernels
+from pallas_kernels.selective_scan import (tpu_kernels, triton_channel_major_kernels, triton_kernels,
+                                          triton_tile_kernels)
 
 F32 = jnp.float32
 
@@ -40,7 +42,7 @@ def default_block_d(batch: int, width: int) -> int:
 
 
 def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
-    """Warps and prefetch depth per kernel, from the H200 sweep in BENCHMARKS.md.
+    """Warps and prefetch depth per kernel of the step-by-step backend, from the H200 sweep in BENCHMARKS.md.
 
     Forward: loading 4 steps ahead with 2 warps halves its time at every measured shape. Backward:
     4 steps ahead helps when programs are few (<= 256) and costs registers, hence occupancy, when
@@ -48,6 +50,26 @@ def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
     """
     programs = batch * (-(-width // block_d))
     return dict(fwd_warps=2, fwd_prefetch=4, bwd_warps=4, bwd_prefetch=4 if programs <= 256 else 0)
+
+
+CHANNEL_MAJOR_TILE = 32  # steps per tile of the channel-major kernels (fastest in the H200 sweep)
+_PARTIALS_BUDGET = 6 << 30  # bytes of per-block dB, dC partial sums the channel-major backward may write
+
+
+def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int) -> dict[str, int]:
+    """Channels and warps per program of the channel-major kernels, from the H200 sweep in BENCHMARKS.md.
+
+    The fastest tiles hold 8 steps per thread (one 16-byte bf16 load): forward 16 channels x 32
+    steps on 2 warps; backward, which keeps more values per element live, 4 channels on one warp.
+    The backward writes dB and dC partial sums per channel block (batch, width / block, d_state,
+    seq) float32, so its block widens until those fit in 6 GiB (samba_1b at 8 x 4096: block 8, 4.8 GB;
+    measured in its train step, a 2 GiB budget gave block 32 and no gain over the step kernel).
+    """
+    bwd_block = 4
+    while bwd_block < 64 and 2 * batch * (width // bwd_block) * 16 * seq * 4 > _PARTIALS_BUDGET:
+        bwd_block *= 2
+    warps = lambda block: max(1, block * chunk // 256)  # noqa: E731  (8 elements per thread)
+    return dict(fwd_block_d=16, bwd_block_d=bwd_block, fwd_warps=warps(16), bwd_warps=warps(bwd_block))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
@@ -70,7 +92,11 @@ def _scan_bwd(options, residuals, cotangents):
         dz = jnp.zeros_like(z)  # the kernel never wrote it
     # B, C are shared by all channels and A, D, bias by all batch elements and steps: reduce the
     # per-program partial sums here.
-    return (du, ddelta, dz, dbt.sum(1).astype(bt.dtype), dct.sum(1).astype(ct.dtype), dat.sum(0),
+    # The barrier keeps XLA from fusing these reductions into their consumer (in the Mamba layer, the
+    # concatenate of x_proj's gradient), which made them a slow loop fusion: 11.8 ms instead of ~2
+    # per samba_1b layer at 8 x 4096 (H200 profile, BENCHMARKS.md).
+    dbt, dct = jax.lax.optimization_barrier((dbt.sum(1), dct.sum(1)))
+    return (du, ddelta, dz, dbt.astype(bt.dtype), dct.astype(ct.dtype), dat.sum(0),
             dd.sum(0), dbias.sum(0), dh0)
 
 
@@ -85,14 +111,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
-    chunk_size: steps between saved states (backward memory batch*seq/chunk*d_inner*d_state f32).
-    block_d: channels per program (a power of two; None: see `default_block_d`).
-    tuning: overrides of `default_tuning` (fwd_warps, fwd_prefetch, bwd_warps, bwd_prefetch: Triton
-      warps per program and steps whose inputs are loaded ahead of the recurrence).
+    chunk_size: steps between saved states (backward memory batch*seq/chunk*d_inner*d_state f32);
+      the channel-major kernels use tiles of min(chunk_size, CHANNEL_MAJOR_TILE) steps.
+    block_d: channels per program, both directions (a power of two; None: `default_block_d`, or
+      `default_channel_major_tuning` for the channel-major kernels).
+    tuning: overrides of the defaults: fwd_block_d, bwd_block_d, fwd_warps, bwd_warps (Triton warps
+      per program), and for "triton" fwd_prefetch, bwd_prefetch (steps loaded ahead, `default_tuning`).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
-    backend: "triton", "triton_tile" or "tpu" kernels (None: "tpu" on a TPU backend, else "triton");
-      "triton_tile" needs a power-of-two chunk_size (its tile of steps). On TPU, block_d
-      defaults to 128 (the lane width) and chunk_size is rounded to a legal seq tile
+    backend: "triton_channel_major" (the default off TPU), "triton" (step by step), "triton_tile"
+      or "tpu" (the default on TPU). The tile kernels need a power-of-two chunk_size. On TPU,
+      block_d defaults to 128 (the lane width) and chunk_size is rounded to a legal seq tile
       (`tpu_kernels.seq_tile`).
     Returns y (batch, seq, d_inner) in u's dtype, and the final float32 state if asked.
     """
@@ -101,15 +129,36 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if backend is None:
-        backend = "tpu" if jax.default_backend() == "tpu" else "triton"
-    if backend not in ("triton", "triton_tile", "tpu"):
-        raise ValueError(f"backend must be 'triton', 'triton_tile' or 'tpu', got {backend!r}")
-    if block_d is None:
-        block_d = 128 if backend == "tpu" else default_block_d(batch, width)
-    if block_d < 1 or block_d & (block_d - 1):
-        raise ValueError(f"block_d must be a power of two, got {block_d}")
-    block_d = min(block_d, _next_power_of_2(width))
-    pad_d = -width % block_d
+        backend = "tpu" if jax.default_backend() == "tpu" else "triton_channel_major"
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
+    if backend == "tpu":
+        chunk = tpu_kernels.seq_tile(chunk_size, seq, interpret)
+    elif backend == "triton":
+        chunk = int(min(chunk_size, seq))
+    else:  # Triton tiles are powers of two; steps past the end are masked inside
+        if chunk_size < 1 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size must be a power of two for the Triton kernels, got {chunk_size}")
+        chunk = min(chunk_size, _next_power_of_2(seq))
+        if backend == "triton_channel_major":
+            chunk = min(chunk, CHANNEL_MAJOR_TILE)
+    if backend == "triton_channel_major" and block_d is None:
+        knobs = default_channel_major_tuning(batch, seq, width, chunk)
+    else:
+        if block_d is None:
+            block_d = 128 if backend == "tpu" else default_block_d(batch, width)
+        knobs = dict(fwd_block_d=block_d, bwd_block_d=block_d)
+        if backend == "triton_channel_major":
+            knobs.update(fwd_warps=max(1, block_d * chunk // 256), bwd_warps=max(1, block_d * chunk // 256))
+        else:
+            knobs.update(default_tuning(batch, width, block_d))
+    knobs.update(tuning or {})
+    for direction in ("fwd", "bwd"):
+        block = knobs[f"{direction}_block_d"]
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"block_d must be a power of two, got {block} ({direction})")
+        knobs[f"{direction}_block_d"] = min(block, _next_power_of_2(width))
+    pad_d = -width % max(knobs["fwd_block_d"], knobs["bwd_block_d"])
     pad_n = _next_power_of_2(d_state) - d_state  # Triton tiles are powers of two
 
     def pad_channels(x):  # (batch, seq, d_inner) -> padded d_inner; zero u makes padded channels inert
@@ -128,17 +177,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         h0 = jnp.zeros((batch, d_state + pad_n, width + pad_d), F32)
     else:
         h0 = jnp.pad(jnp.swapaxes(initial_state.astype(F32), 1, 2), ((0, 0), (0, pad_n), (0, pad_d)))
-    if backend == "tpu":
-        chunk = tpu_kernels.seq_tile(chunk_size, seq, interpret)
-    elif backend == "triton":
-        chunk = int(min(chunk_size, seq))
-    else:  # Triton tiles are powers of two; steps past the end are masked inside
-        if chunk_size < 1 or chunk_size & (chunk_size - 1):
-            raise ValueError(f"chunk_size must be a power of two for the Triton kernels, got {chunk_size}")
-        chunk = min(chunk_size, _next_power_of_2(seq))
-    options = dict(backend=backend, chunk=chunk, block_d=block_d, softplus=bool(delta_softplus),
-                   has_z=has_z, interpret=bool(interpret), **default_tuning(batch, width, block_d))
-    options.update(tuning or {})
+    options = dict(backend=backend, chunk=chunk, softplus=bool(delta_softplus), has_z=has_z,
+                   interpret=bool(interpret), **knobs)
     y, final = _scan(pad_channels(u), pad_channels(delta), pad_channels(z if has_z else u), state_major(B),
                      state_major(C), at, vector(D, 0.0), vector(delta_bias, 0.0), h0,
                      _Options(options))
@@ -146,6 +186,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if not return_final_state:
         return y
     return y, jnp.swapaxes(final[:, :d_state, :width], 1, 2)
+
+
+_BACKENDS = {"tpu": tpu_kernels, "triton": triton_kernels, "triton_tile": triton_tile_kernels,
+             "triton_channel_major": triton_channel_major_kernels}
 
 
 class _Options(dict):
@@ -156,13 +200,13 @@ class _Options(dict):
 
     @property
     def kernels(self):
-        return {"tpu": tpu_kernels, "triton": triton_kernels, "triton_tile": triton_tile_kernels}[self["backend"]]
+        return _BACKENDS[self["backend"]]
 
     def _for(self, prefix: str) -> dict:
         shared = {k: v for k, v in self.items() if k != "backend" and not k.startswith(("fwd_", "bwd_"))}
         if self["backend"] == "triton":
             shared["prefetch"] = self[f"{prefix}_prefetch"]
-        return dict(shared, num_warps=self[f"{prefix}_warps"])
+        return dict(shared, num_warps=self[f"{prefix}_warps"], block_d=self[f"{prefix}_block_d"])
 
     def forward(self) -> dict:
         return self._for("fwd")

@@ -121,7 +121,9 @@ _DEFAULT_IMPLEMENTATION_BY_PLATFORM: dict[str, str] = {"cpu": "chunked", "gpu": 
 
 # Fused Pallas kernels (pallas_kernels/selective_scan): imported only when asked for, so a CPU
 # install never touches a GPU backend; on CPU they run in Pallas interpret mode.
-_FUSED_IMPLEMENTATIONS = ("pallas",)
+# "pallas:<backend>" picks one kernel module (the benchmarks compare them); "pallas" the default.
+_FUSED_IMPLEMENTATIONS = ("pallas", "pallas:triton_channel_major", "pallas:triton", "pallas:triton_tile",
+                          "pallas:tpu")
 
 
 def resolve_implementation(implementation: str | None) -> str:
@@ -186,7 +188,8 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
 
     u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
-    implementation: "reference", "associative", "chunked" or "pallas" (fused kernel); None picks the platform default.
+    implementation: "reference", "associative", "chunked" or "pallas" (fused kernel; "pallas:<backend>"
+      picks its kernel module, e.g. "pallas:triton"); None picks the platform default.
     chunk_size: steps per chunk for "chunked", steps between saved states for "pallas" (clipped to seq).
     sequence_splits: scan this many equal pieces of the sequence side by side, as extra batch rows,
       then join them exactly (see `_scan_in_pieces`): more parallel work for kernels that walk the
@@ -216,11 +219,12 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
                                          int(sequence_splits), implementation=implementation,
                                          chunk_size=int(chunk_size))
         return (y, final_state) if return_final_state else y
-    if implementation == "pallas":
+    if implementation in _FUSED_IMPLEMENTATIONS:
         from pallas_kernels.selective_scan import selective_scan as fused_selective_scan
 
+        backend = implementation.partition(":")[2] or None
         return fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                    return_final_state, chunk_size=int(chunk_size))
+                                    return_final_state, chunk_size=int(chunk_size), backend=backend)
     scan_core = _IMPLEMENTATIONS[implementation]
 
     batch, _, d_inner = u.shape
@@ -234,17 +238,21 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
     return (y, final_state) if return_final_state else y
 
 
-def default_sequence_splits(implementation: str, batch: int, seq: int, d_inner: int) -> int:
+def default_sequence_splits(implementation: str, batch: int, seq: int, d_inner: int,
+                            forward_only: bool = False) -> int:
     """Sequence pieces for the fused GPU kernel when batch x d_inner alone gives it too little work.
 
-    Each kernel program walks its whole sequence one step at a time, so with few channel rows
-    (batch x d_inner) the GPU idles and the time grows with the length. On an H200 (BENCHMARKS.md,
-    selective scan, sequence splits) the kernel's rate grows with the rows up to ~32K-64K; at
-    1 x 16K x 4096 bf16, 16 pieces run the forward in 4.0 ms instead of 18.7 (fwd+bwd 20.5 vs 42.9),
-    while at 4 x 4096 x 4096 (16K rows) splitting only adds the second pass (fwd+bwd 12.2 -> 20.4 ms).
-    So: split only at <= 8K rows, into pieces of >= 512 steps, until 64K rows. Other implementations: 1.
+    Each kernel program walks its whole sequence, so with few channel rows (batch x d_inner) the
+    GPU idles. Measured on an H200 (BENCHMARKS.md, selective scan): the step-by-step kernel
+    ("pallas:triton") at 1 x 16K x 4096 bf16 runs fwd+bwd in 20.5 ms with 16 pieces instead of 42.9;
+    the channel-major kernel (the default "pallas") is faster unsplit for training (11.5 vs 14.8 ms)
+    and gains only in the forward (3.1 vs 3.8 ms; 21.5 vs 26.6 ms at 128K), so it is split only
+    when `forward_only` (prefill). Splits: at <= 8K rows, pieces of >= 512 steps, until 64K rows.
+    Other implementations: 1.
     """
-    if implementation != "pallas" or jax.default_backend() != "gpu" or batch * d_inner > _SPLIT_MAX_ROWS:
+    if implementation not in _FUSED_IMPLEMENTATIONS or jax.default_backend() != "gpu" or batch * d_inner > _SPLIT_MAX_ROWS:
+        return 1
+    if not forward_only and implementation in ("pallas", "pallas:triton_channel_major"):
         return 1
     splits = 1
     while batch * d_inner * splits < _SPLIT_TARGET_ROWS and seq // (2 * splits) >= _SPLIT_MIN_STEPS:

@@ -156,11 +156,13 @@ def test_default_sequence_splits_only_split_the_gpu_kernel_at_small_batch(monkey
     assert module.default_sequence_splits("chunked", 1, 1 << 17, 4096) == 1
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert module.default_sequence_splits("chunked", 1, 1 << 17, 4096) == 1
-    long_prompt = module.default_sequence_splits("pallas", 1, 1 << 17, 4096)
+    assert module.default_sequence_splits("pallas", 1, 1 << 17, 4096) == 1  # training: unsplit is faster
+    assert module.default_sequence_splits("pallas:triton", 1, 1 << 17, 4096) > 1
+    long_prompt = module.default_sequence_splits("pallas", 1, 1 << 17, 4096, forward_only=True)
     assert long_prompt > 1 and (1 << 17) // long_prompt >= module._SPLIT_MIN_STEPS
     assert 4096 * long_prompt >= module._SPLIT_TARGET_ROWS or (1 << 17) // long_prompt < 2 * module._SPLIT_MIN_STEPS
-    assert module.default_sequence_splits("pallas", 1, module._SPLIT_MIN_STEPS, 4096) == 1  # too short to split
-    assert module.default_sequence_splits("pallas", 4, 4096, 4096) == 1  # enough rows already (training)
+    assert module.default_sequence_splits("pallas", 1, module._SPLIT_MIN_STEPS, 4096, True) == 1  # too short
+    assert module.default_sequence_splits("pallas", 4, 4096, 4096, True) == 1  # enough rows already
 
 
 def test_bad_sequence_splits_raise_value_error_naming_them():

@@ -51,15 +51,18 @@ CASES = [  # (batch, seq, width, d_state, chunk, which optional inputs, softplus
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton_channel_major"])
 @pytest.mark.parametrize("batch,seq,width,d_state,chunk,optional,softplus", CASES)
-def test_fused_matches_reference_values_and_every_gradient(batch, seq, width, d_state, chunk, optional, softplus):
+def test_fused_matches_reference_values_and_every_gradient(batch, seq, width, d_state, chunk, optional, softplus,
+                                                           backend):
     full = make_inputs(batch, seq, width, d_state)
     args = {k: v for k, v in full.items() if k in ("u", "delta", "A", "B", "C") or k in optional}
     if not softplus:  # without softplus the caller supplies Δ itself, positive (a negative Δ diverges)
         args["delta"] = 0.2 * jnp.abs(args["delta"])
     loss_ref, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=softplus,
                                                                           implementation="reference"))
-    loss, grads = values_and_grads(fused, args, dict(delta_softplus=softplus, chunk_size=chunk, block_d=16))
+    loss, grads = values_and_grads(fused, args, dict(delta_softplus=softplus, chunk_size=chunk, block_d=16,
+                                                     backend=backend))
     assert_close(loss, loss_ref, 1e-5, "loss")
     for name in args:
         assert_close(grads[name], grads_ref[name], 2e-5, name)
@@ -105,6 +108,7 @@ def test_no_state_sized_tensor_in_forward_or_backward():
 
 
 @pytest.mark.parametrize("backend,tuning", [("triton_tile", dict(fwd_warps=8, bwd_warps=2)),
+                                            ("triton_channel_major", dict(fwd_warps=1, bwd_warps=1)),
                                             ("triton", dict(fwd_prefetch=0, bwd_prefetch=0)),
                                             ("triton", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
 def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):

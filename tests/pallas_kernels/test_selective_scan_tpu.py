@@ -34,11 +34,12 @@ def test_tpu_kernel_matches_reference_values_and_every_gradient(batch, seq, widt
         assert_close(grads[name], grads_ref[name], 2e-5, name)
 
 
-def test_backend_tpu_routes_to_the_mosaic_kernels_and_default_stays_triton():
+def test_backend_tpu_routes_to_the_mosaic_kernels_and_default_off_tpu_is_channel_major():
     args = make_inputs(1, 16, 16, 4)
     names = lambda **kw: str(jax.make_jaxpr(lambda a: fused(**a, chunk_size=8, **kw))(args))
     assert "selective_scan_tpu_fwd" in names(backend="tpu")
-    assert "selective_scan_tpu_fwd" not in names() and "selective_scan_fwd" in names()
+    assert "selective_scan_tpu_fwd" not in names() and "selective_scan_cm_fwd" in names()
+    assert "selective_scan_fwd" in names(backend="triton")
 
 
 def test_seq_tile_is_sublane_aligned_and_lane_aligned_on_hardware():
