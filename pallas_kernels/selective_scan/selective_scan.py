@@ -59,8 +59,9 @@ _PARTIALS_BUDGET = 6 << 30  # bytes of per-block dB, dC partial sums the channel
 def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int) -> dict[str, int]:
     """Channels and warps per program of the channel-major kernels, from the H200 sweep in BENCHMARKS.md.
 
-    The fastest tiles hold 8 steps per thread (one 16-byte bf16 load): forward 16 channels x 32
-    steps on 2 warps; backward, which keeps more values per element live, 4 channels on one warp.
+    The fastest forward tiles hold 8 steps per thread (one 16-byte bf16 load): 16 channels x 32
+    steps on 2 warps; the backward, which keeps more values per element live, is fastest with
+    4 channels on one warp.
     The backward writes dB and dC partial sums per channel block (batch, width / block, d_state,
     seq) float32, so its block widens until those fit in 6 GiB (samba_1b at 8 x 4096: block 8, 4.8 GB;
     measured in its train step, a 2 GiB budget gave block 32 and no gain over the step kernel).
@@ -68,8 +69,12 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int) -
     bwd_block = 4
     while bwd_block < 64 and 2 * batch * (width // bwd_block) * 16 * seq * 4 > _PARTIALS_BUDGET:
         bwd_block *= 2
-    warps = lambda block: max(1, block * chunk // 256)  # noqa: E731  (8 elements per thread)
-    return dict(fwd_block_d=16, bwd_block_d=bwd_block, fwd_warps=warps(16), bwd_warps=warps(bwd_block))
+    # Forward: 8 elements per thread. Backward at 4 x 4096 x 4096 bf16 (H200): block 8 on 1 warp
+    # 7.5 ms (2 warps 7.7), block 16 on 4 warps 7.5 ms (2 warps 9.1), so 1 warp up to block 8,
+    # then 4 channels per warp, at most 4 warps.
+    fwd_warps = max(1, 16 * chunk // 256)
+    bwd_warps = 1 if bwd_block <= 8 else min(4, bwd_block // 4)
+    return dict(fwd_block_d=16, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))

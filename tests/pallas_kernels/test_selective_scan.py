@@ -1,5 +1,7 @@
 """The fused Pallas selective scan (interpret mode on CPU) against the `reference` lax.scan."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,16 @@ def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
     assert_close(loss, loss_ref, 1e-5)
     for name in args:
         assert_close(grads[name], grads_ref[name], 2e-5, name)
+
+
+def test_channel_major_backward_widens_its_block_to_keep_partials_in_budget():
+    module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")  # not the function
+    small = module.default_channel_major_tuning(4, 4096, 4096, 32)
+    assert (small["fwd_block_d"], small["bwd_block_d"], small["bwd_warps"]) == (16, 4, 1)
+    for batch, seq, width in [(8, 4096, 4608), (16, 4096, 4608), (1, 262144, 4608)]:
+        t = module.default_channel_major_tuning(batch, seq, width, 32)
+        partials = 2 * batch * (width // t["bwd_block_d"]) * 16 * seq * 4
+        narrower = 2 * batch * (width // (t["bwd_block_d"] // 2)) * 16 * seq * 4
+        assert partials <= module._PARTIALS_BUDGET or t["bwd_block_d"] == 64
+        assert t["bwd_block_d"] == 4 or narrower > module._PARTIALS_BUDGET  # the narrowest that fits
+        assert 1 <= t["bwd_warps"] <= 4
