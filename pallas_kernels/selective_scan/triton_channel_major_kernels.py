@@ -30,10 +30,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence
 
 F32 = jnp.float32
-LOG2E = math.log2(math.e)
-# B, C rows loaded already repeated over the channels (else loaded once and broadcast); the two ran
-# at the same speed on an H200 (BENCHMARKS.md).
-BROADCAST_BY_INDEX = True  # exp(x) = exp2(x log2 e): exp2 is one special-function instruction
+LOG2E = math.log2(math.e)  # exp(x) = exp2(x log2 e): exp2 is one special-function instruction
 
 
 def _softplus(x):
@@ -64,11 +61,9 @@ class _Tile:
 
     def broadcast(self, ref, n):
         """State n's values at the tile's steps, repeated over the channels, from a (d_state, seq) ref."""
-        if BROADCAST_BY_INDEX:
-            return _load(ref.at[jnp.int32(n), self.step + self.start], self.valid)
-        steps = lax.broadcasted_iota(jnp.int32, (1, self.chunk), 1) + self.start
-        return jnp.broadcast_to(_load(ref.at[pl.ds(n, 1), pl.ds(self.start, self.chunk)], steps < self.seq),
-                                self.step.shape)
+        # An index array whose rows repeat: the load lands in the tile's own layout. (Loading the row
+        # once and broadcasting ran at the same speed on an H200, BENCHMARKS.md.)
+        return _load(ref.at[jnp.int32(n), self.step + self.start], self.valid)
 
     def delta(self, delta_ref, bias, softplus, offset=0):
         """(pre-activation, Δ) with Δ = 0 past the sequence end."""
