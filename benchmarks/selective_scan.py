@@ -1,7 +1,7 @@
 """Selective-scan implementations side by side: forward and forward+backward time, memory, floors.
 
 python benchmarks/selective_scan.py                      # the issue's shapes and the models' shapes
-python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas:64:4:2:4:4,tile:32:64:4:4,chunked
+python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas,pallas:64:4:2:4:4,cm:16:4:32:2:1,chunked
 
 All inputs of mamba_ssm's training call (delta_bias + softplus, D, z gate; d_state 16). Times are
 medians over --iters calls after compilation; memory is XLA's temporary allocation of the compiled
@@ -44,12 +44,11 @@ def inputs(batch, seq, width, dtype, d_state=16):
 
 def scan_fn(impl: str):
     """pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the step-by-step Triton kernel),
-    tile:BLOCK_D[:CHUNK[:FWD_WARPS[:BWD_WARPS]]] (the tile-scan Triton kernel),
     cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS]] (the channel-major kernel), or an ops
     implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
     optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8."""
     impl, _, splits = impl.partition("/")
-    if impl.partition(":")[2] in ("triton", "triton_channel_major", "triton_tile"):
+    if impl.partition(":")[2] in ("triton", "triton_channel_major"):
         impl = impl.replace(":", "@")  # an ops implementation name, not kernel knobs
     if splits:
         if ":" in impl:
@@ -65,17 +64,12 @@ def scan_fn(impl: str):
         tuning = dict(zip(keys, (int(k) for k in knobs)))
         chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
         return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major", **chunk)
-    if name in ("pallas", "tile") and knobs:
+    if name == "pallas" and knobs:
         from pallas_kernels.selective_scan import selective_scan as fused
 
         block_d, *rest = (int(k) for k in knobs)
-        if name == "pallas":
-            tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
-            return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, backend="triton")
-        chunk = dict(chunk_size=rest[0]) if rest else {}
-        tuning = dict(zip(("fwd_warps", "bwd_warps"), rest[1:]))
-        return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, backend="triton_tile",
-                                 **chunk)
+        tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
+        return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, backend="triton")
     return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl.replace("@", ":"))
 
 
@@ -83,7 +77,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4x4096x4096,1x16384x4096,8x4096x3072,4x4096x4608,1x16384x3072")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--impls", default="pallas:16,pallas:32,pallas:64,chunked,associative")
+    p.add_argument("--impls", default="pallas,pallas:triton,chunked,associative")
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}\n")

@@ -33,9 +33,10 @@ def test_attention_benchmark_prints_its_table():
 
 
 def test_selective_scan_benchmark_prints_its_table():
-    out = run("selective_scan.py", "--shapes=1x64x32", "--dtypes=float32", "--impls=chunked,associative,pallas:16",
-              "--iters=1")
-    assert "| 1x64x32 | float32 | associative |" in out and "| 1x64x32 | float32 | pallas:16 |" in out
+    out = run("selective_scan.py", "--shapes=1x64x32", "--dtypes=float32",
+              "--impls=chunked,associative,pallas:16,cm:16:8:16:1:1,pallas:triton", "--iters=1")
+    for impl in ("associative", "pallas:16", "cm:16:8:16:1:1", "pallas:triton"):
+        assert f"| 1x64x32 | float32 | {impl} |" in out
 
 
 def test_train_step_benchmark_scales_over_a_mesh_and_prints_the_ratio():

@@ -7,9 +7,8 @@ kernel; the backward recomputes states from chunk-boundary states, so no (batch,
 d_state) tensor is ever allocated. On a CPU backend the same kernels run in Pallas interpret mode.
 Interchangeable kernel modules: `triton_channel_major_kernels` (GPU, a parallel scan per tile of
 steps with the steps contiguous; the fastest measured, the default off TPU), `triton_kernels` (GPU,
-one step at a time, backend="triton"), `triton_tile_kernels` (GPU, tiles with the channels
-contiguous; slower, backend="triton_tile") and `tpu_kernels` (Mosaic TPU; the default on TPU, or
-forced with backend="tpu", e.g. in interpret mode on CPU).
+one step at a time, backend="triton") and `tpu_kernels` (Mosaic TPU; the default on TPU, or forced
+with backend="tpu", e.g. in interpret mode on CPU).
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.selective_scan import (tpu_kernels, triton_channel_major_kernels, triton_kernels,
-                                          triton_tile_kernels)
+from pallas_kernels.selective_scan import tpu_kernels, triton_channel_major_kernels, triton_kernels
 
 F32 = jnp.float32
 
@@ -123,8 +121,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     tuning: overrides of the defaults: fwd_block_d, bwd_block_d, fwd_warps, bwd_warps (Triton warps
       per program), and for "triton" fwd_prefetch, bwd_prefetch (steps loaded ahead, `default_tuning`).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
-    backend: "triton_channel_major" (the default off TPU), "triton" (step by step), "triton_tile"
-      or "tpu" (the default on TPU). The tile kernels need a power-of-two chunk_size. On TPU,
+    backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
+      default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
       block_d defaults to 128 (the lane width) and chunk_size is rounded to a legal seq tile
       (`tpu_kernels.seq_tile`).
     Returns y (batch, seq, d_inner) in u's dtype, and the final float32 state if asked.
@@ -143,10 +141,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         chunk = int(min(chunk_size, seq))
     else:  # Triton tiles are powers of two; steps past the end are masked inside
         if chunk_size < 1 or chunk_size & (chunk_size - 1):
-            raise ValueError(f"chunk_size must be a power of two for the Triton kernels, got {chunk_size}")
-        chunk = min(chunk_size, _next_power_of_2(seq))
-        if backend == "triton_channel_major":
-            chunk = min(chunk, CHANNEL_MAJOR_TILE)
+            raise ValueError(f"chunk_size must be a power of two for the channel-major kernels, got {chunk_size}")
+        chunk = min(chunk_size, _next_power_of_2(seq), CHANNEL_MAJOR_TILE)
     if backend == "triton_channel_major" and block_d is None:
         knobs = default_channel_major_tuning(batch, seq, width, chunk)
     else:
@@ -193,8 +189,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return y, jnp.swapaxes(final[:, :d_state, :width], 1, 2)
 
 
-_BACKENDS = {"tpu": tpu_kernels, "triton": triton_kernels, "triton_tile": triton_tile_kernels,
-             "triton_channel_major": triton_channel_major_kernels}
+_BACKENDS = {"tpu": tpu_kernels, "triton": triton_kernels, "triton_channel_major": triton_channel_major_kernels}
 
 
 class _Options(dict):

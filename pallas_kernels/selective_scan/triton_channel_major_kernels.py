@@ -1,10 +1,11 @@
 """Pallas (Triton backend) selective-scan kernels in channel-major layout: a parallel scan per tile.
 
-Like `triton_tile_kernels`, each program owns one batch element and `block_d` channels and walks
-the sequence in tiles of `chunk` steps, running the recurrence h_t = exp(Δ_t A_n) h_{t-1} + Δ_t B_tn u_t
-of each state n over a tile as one parallel scan (`linear_recurrence`, Triton's tt.scan). The
-difference is the orientation: tiles are (block_d, chunk) with the step axis last and contiguous
-in memory, as mamba_ssm lays out (batch, dim, seqlen). Triton's default layouts then give each
+Each program owns one batch element and `block_d` channels and walks the sequence in tiles of
+`chunk` steps, running the recurrence h_t = exp(Δ_t A_n) h_{t-1} + Δ_t B_tn u_t of each state n
+over a tile as one parallel scan (`linear_recurrence`, Triton's tt.scan). Tiles are
+(block_d, chunk) with the step axis last and contiguous in memory, as mamba_ssm lays out
+(batch, dim, seqlen). (An earlier kernel with the channels contiguous, (chunk, block_d) tiles, had
+its scans cross warps and ran 2-3.5x slower than the step-by-step kernel; BENCHMARKS.md.) Triton's default layouts then give each
 thread a run of consecutive steps of one channel (a vector load), so the scan is sequential inside
 a thread and a few warp shuffles across threads, never crossing warps, which is mamba_ssm's own
 block-scan recipe. B and C are loaded already broadcast over the channels (an index array whose

@@ -122,8 +122,7 @@ _DEFAULT_IMPLEMENTATION_BY_PLATFORM: dict[str, str] = {"cpu": "chunked", "gpu": 
 # Fused Pallas kernels (pallas_kernels/selective_scan): imported only when asked for, so a CPU
 # install never touches a GPU backend; on CPU they run in Pallas interpret mode.
 # "pallas:<backend>" picks one kernel module (the benchmarks compare them); "pallas" the default.
-_FUSED_IMPLEMENTATIONS = ("pallas", "pallas:triton_channel_major", "pallas:triton", "pallas:triton_tile",
-                          "pallas:tpu")
+_FUSED_IMPLEMENTATIONS = ("pallas", "pallas:triton_channel_major", "pallas:triton", "pallas:tpu")
 
 
 def resolve_implementation(implementation: str | None) -> str:
