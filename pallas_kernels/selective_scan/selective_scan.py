@@ -61,7 +61,7 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int) -
     steps on 2 warps; the backward, which keeps more values per element live, is fastest with
     4 channels on one warp.
     The backward writes dB and dC partial sums per channel block (batch, width / block, d_state,
-    seq) float32, so its block widens until those fit in 6 GiB (samba_1b at 8 x 4096: block 8, 4.8 GB;
+    seq) float32, so its block widens until those fit in 6 GiB (samba_1b at 8 x 4096: block 4, 4.8 GB;
     measured in its train step, a 2 GiB budget gave block 32 and no gain over the step kernel).
     """
     bwd_block = 4
