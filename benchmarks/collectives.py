@@ -43,7 +43,7 @@ def main():
         "reduce-scatter": (lambda x: jax.lax.psum_scatter(x, "x", tiled=True), P("x"), (n - 1) / n),
         "ppermute (ring)": (lambda x: jax.lax.ppermute(x, "x", perm), P("x"), 1.0),
     }
-    print(f"| collective | MiB per device | ms | bus GB/s | vs nominal |\n|---|---|---|---|---|")
+    print("| collective | MiB per device | ms | bus GB/s | vs nominal |\n|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes_mib.split(",")):
         rows = size * 2**20 // 4 // 1024
         x = jax.device_put(jnp.ones((n * rows, 1024), jnp.float32), NamedSharding(mesh, P("x")))

@@ -48,29 +48,23 @@ def scan_fn(impl: str):
     implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
     optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8."""
     impl, _, splits = impl.partition("/")
-    if impl.partition(":")[2] in ("triton", "triton_channel_major"):
-        impl = impl.replace(":", "@")  # an ops implementation name, not kernel knobs
-    if splits:
-        if ":" in impl:
-            raise ValueError(f"/SPLITS applies to ops implementations, not kernel knobs: {impl}")
-        count = None if splits == "auto" else int(splits)
-        return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl.replace("@", ":"),
-                                              sequence_splits=count)
     name, *knobs = impl.split(":")
-    if name == "cm":
+    if name == "cm" or (name == "pallas" and knobs and knobs[0].isdigit()):  # kernel knobs
+        if splits:
+            raise ValueError(f"/SPLITS applies to ops implementations, not kernel knobs: {impl}")
         from pallas_kernels.selective_scan import selective_scan as fused
 
-        keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps")
-        tuning = dict(zip(keys, (int(k) for k in knobs)))
-        chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
-        return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major", **chunk)
-    if name == "pallas" and knobs:
-        from pallas_kernels.selective_scan import selective_scan as fused
-
+        if name == "cm":
+            keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps")
+            tuning = dict(zip(keys, (int(k) for k in knobs)))
+            chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
+            return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major",
+                                     **chunk)
         block_d, *rest = (int(k) for k in knobs)
         tuning = dict(zip(("fwd_prefetch", "fwd_warps", "bwd_prefetch", "bwd_warps"), rest))
         return lambda **a: fused(**a, delta_softplus=True, block_d=block_d, tuning=tuning, backend="triton")
-    return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl.replace("@", ":"))
+    count = 1 if not splits else None if splits == "auto" else int(splits)  # an ops implementation name
+    return lambda **a: ops.selective_scan(**a, delta_softplus=True, implementation=impl, sequence_splits=count)
 
 
 def main():
