@@ -26,11 +26,17 @@ from samba_jax.ops.attention import sliding_window_attention  # noqa: E402
 
 
 def _attention_fn(impl: str, window):
-    """impl: an implementation name, "causal" (full causal cuDNN), or pallas:BLOCK_Q:BLOCK_K[:WARPS]."""
+    """impl: an implementation name, "causal" (full causal cuDNN), pallas:BLOCK_Q:BLOCK_K[:WARPS] (all
+    three kernels), or pallas:FWD/DKV/DQ with each BLOCK_QxBLOCK_KxWARPSxSTAGES (e.g.
+    pallas:128x64x8x3/64x64x8x2/64x64x8x2)."""
     if impl.startswith("pallas:"):
-        from pallas_kernels.sliding_window_attention import sliding_window_attention as pallas_attention
+        from pallas_kernels.sliding_window_attention import kernels, sliding_window_attention as pallas_attention
 
-        block_q, block_k, *warps = (int(x) for x in impl.split(":")[1:])
+        spec = impl.split(":", 1)[1]
+        if "x" in spec:
+            tiles = kernels.Tiles(*(kernels.Tile(*(int(x) for x in t.split("x"))) for t in spec.split("/")))
+            return lambda q, k, v: pallas_attention(q, k, v, min(window, q.shape[1]), tiles=tiles)
+        block_q, block_k, *warps = (int(x) for x in spec.split(":"))
         return lambda q, k, v: pallas_attention(q, k, v, min(window, q.shape[1]), block_q=block_q, block_k=block_k,
                                                 num_warps=warps[0] if warps else None)
     name = "cudnn" if impl == "causal" else impl

@@ -46,27 +46,46 @@ class _Options:
         return isinstance(other, _Options) and self.kw == other.kw
 
 
+def default_tiles(seq: int, head_dim: int) -> kernels.Tiles:
+    """The tiles `sliding_window_attention` uses unless told otherwise.
+
+    From the H200 sweep in BENCHMARKS.md (head_dim 128, seq 8192, window 2048): forward 64 x 64 on
+    4 warps, 3 stages; dK/dV 128 query x 64 key rows on 8 warps, 2 stages (3 overflow shared memory);
+    dQ 128 x 64 on 8 warps, 3 stages. Wider heads keep the untuned 64 x 64 / 8 warps / 2 stages
+    everywhere (shared memory), short sequences (< 128) blocks of 64 or 16.
+    """
+    if seq < 128 or head_dim > 128:
+        block = 64 if seq >= 64 else 16
+        tile = kernels.Tile(block, block, 4 if head_dim <= 64 else 8, 2)
+        return kernels.Tiles(tile, tile, tile)
+    return kernels.Tiles(fwd=kernels.Tile(64, 64, 4, 3), dkv=kernels.Tile(128, 64, 8, 2), dq=kernels.Tile(128, 64, 8, 3))
+
+
 def sliding_window_attention(q, k, v, window: int, *, block_q: int | None = None, block_k: int | None = None,
-                             num_warps: int | None = None, interpret: bool | None = None):
+                             num_warps: int | None = None, tiles: kernels.Tiles | None = None,
+                             interpret: bool | None = None):
     """q: (batch, seq, q_heads, head_dim); k, v: (batch, seq, kv_heads, head_dim); window in [1, seq].
 
-    block_q, block_k: query and key tile (powers of two; default 64 each, 16 for short sequences);
-    head_dim must be a power of two (Triton tiles). Returns q's shape and dtype.
+    tiles: each kernel's blocks, warps and stages (default `default_tiles`); block_q, block_k,
+    num_warps override those of all three kernels. head_dim must be a power of two (Triton tiles).
+    Returns q's shape and dtype.
     """
     batch, seq, q_heads, head_dim = q.shape
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two for the Pallas kernel, got {head_dim}; use 'banded'")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    default = 64 if seq >= 64 else 16
-    block_q, block_k = block_q or default, block_k or default
-    for name, b in (("block_q", block_q), ("block_k", block_k)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {b}")
-    tile = max(block_q, block_k)
-    padded = tile * -(-seq // tile)
+    tiles = tiles or default_tiles(seq, head_dim)
+    override = {k: v for k, v in dict(block_q=block_q, block_k=block_k, warps=num_warps).items() if v}
+    tiles = kernels.Tiles(*(t._replace(**override) for t in tiles))
+    for name, t in zip(kernels.Tiles._fields, tiles):
+        for field in ("block_q", "block_k"):
+            b = getattr(t, field)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"{field} must be a power of two >= 16, got {b} ({name} kernel)")
+    block = max(b for t in tiles for b in (t.block_q, t.block_k))
+    padded = block * -(-seq // block)
     pad = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    options = _Options(window=int(window), seq=seq, block_q=block_q, block_k=block_k,
-                       num_warps=num_warps or (4 if head_dim <= 64 else 8), interpret=bool(interpret))
+    options = _Options(window=int(window), seq=seq, tiles=tiles, interpret=bool(interpret))
     return _attention(q, k, v, options)[:, :seq]

@@ -8,7 +8,8 @@ O(seq * (window + block)), never seq x seq; "cudnn" is cuDNN's fused flash atten
 window (NVIDIA GPUs, bfloat16/float16; other dtypes fall back to "banded"); "splash" is jax's TPU
 splash attention kernel with a causal band mask (TPU; Pallas interpret mode elsewhere, for tests);
 "pallas" is our flash-style kernel (pallas_kernels/sliding_window_attention; GPU via Triton,
-interpret mode on CPU; not yet measured against cuDNN, so not a default). Logits, softmax and accumulation run in float32;
+interpret mode on CPU; 0.62-0.86x cuDNN's speed on an H200, BENCHMARKS.md, so not a default).
+Logits, softmax and accumulation run in float32;
 the output has q's dtype. `sliding_window_attention_decode` serves one new token per sequence
 against a ring-buffer KV cache during generation.
 """

@@ -291,7 +291,7 @@ def test_splash_matches_reference_values_and_grads(seq, q_heads, kv_heads, windo
 @pytest.mark.parametrize("seq,block,q_heads,kv_heads,window,dtype", [
     (50, 16, 4, 2, 1, jnp.float32), (50, 16, 4, 2, 17, jnp.float32), (100, 32, 4, 1, 99, jnp.float32),
     (70, 16, 4, 4, 70, jnp.float32), (33, 16, 2, 2, 80, jnp.float32), (64, 16, 8, 2, 20, jnp.float32),
-    (45, 16, 4, 2, 9, jnp.bfloat16)])
+    (200, 16, 4, 2, 64, jnp.float32), (45, 16, 4, 2, 9, jnp.bfloat16)])
 def test_pallas_matches_reference_values_and_grads(seq, block, q_heads, kv_heads, window, dtype):
     q, k, v, ct = _inputs(seq + window, 2, seq, q_heads, kv_heads, 16, dtype=dtype)
     out_p, grads_p = _out_and_grads(q, k, v, ct, window, "pallas", block)
@@ -303,6 +303,21 @@ def test_pallas_matches_reference_values_and_grads(seq, block, q_heads, kv_heads
     for name, gp, gr in zip("qkv", grads_p, grads_r):
         scale = float(jnp.abs(gr).max())
         np.testing.assert_allclose(gp.astype(jnp.float32), gr, rtol=0, atol=tol * max(scale, 1), err_msg=name)
+
+
+@pytest.mark.parametrize("window", [5, 45, 150])
+def test_pallas_with_a_different_tile_per_kernel_matches_reference(window):
+    # Unequal blocks per kernel: the band's interior (unmasked) and edge blocks fall differently in
+    # each kernel, and the padding (to the largest block) exceeds some kernels' blocks.
+    from pallas_kernels.sliding_window_attention import kernels, sliding_window_attention as pallas_attention
+
+    tiles = kernels.Tiles(kernels.Tile(32, 16, 4, 2), kernels.Tile(16, 64, 4, 1), kernels.Tile(64, 32, 4, 3))
+    q, k, v, ct = _inputs(7, 1, 150, 4, 2, 16)
+    out_p, vjp = jax.vjp(lambda q, k, v: pallas_attention(q, k, v, window, tiles=tiles), q, k, v)
+    out_r, grads_r = _out_and_grads(q, k, v, ct, window, "reference", None)
+    np.testing.assert_allclose(out_p, out_r, rtol=1e-5, atol=1e-5)
+    for name, gp, gr in zip("qkv", vjp(ct), grads_r):
+        np.testing.assert_allclose(gp, gr, rtol=0, atol=1e-5 * max(float(jnp.abs(gr).max()), 1), err_msg=name)
 
 
 @pytest.mark.parametrize("window", [1, 9, 40])
