@@ -305,6 +305,18 @@ def test_pallas_matches_reference_values_and_grads(seq, block, q_heads, kv_heads
         np.testing.assert_allclose(gp.astype(jnp.float32), gr, rtol=0, atol=tol * max(scale, 1), err_msg=name)
 
 
+def test_pallas_default_tiles_at_a_length_past_one_block_match_reference():
+    # seq >= 128 takes the tuned per-kernel tiles (128-row blocks: seq 130 pads to 256).
+    from pallas_kernels.sliding_window_attention import sliding_window_attention as pallas_attention
+
+    q, k, v, ct = _inputs(8, 1, 130, 2, 1, 16)
+    out_p, vjp = jax.vjp(lambda q, k, v: pallas_attention(q, k, v, 100), q, k, v)
+    out_r, grads_r = _out_and_grads(q, k, v, ct, 100, "reference", None)
+    np.testing.assert_allclose(out_p, out_r, rtol=1e-5, atol=1e-5)
+    for name, gp, gr in zip("qkv", vjp(ct), grads_r):
+        np.testing.assert_allclose(gp, gr, rtol=0, atol=1e-5 * max(float(jnp.abs(gr).max()), 1), err_msg=name)
+
+
 @pytest.mark.parametrize("window", [5, 45, 150])
 def test_pallas_with_a_different_tile_per_kernel_matches_reference(window):
     # Unequal blocks per kernel: the band's interior (unmasked) and edge blocks fall differently in
