@@ -65,6 +65,7 @@ class ModelConfig:
     scan_sequence_splits: int = 0  # 0 lets the op choose (splits long sequences at small batch on GPU)
     attention_implementation: str = ""
     attention_block: int = 0  # 0: the op's default
+    decode_attention_implementation: str = ""  # generation's attention step: "" (the op's choice) | xla | pallas
     remat: str = "none"  # none | block | save_dots
     loss_chunks: int = 0  # head + cross-entropy in this many groups of positions; 0: auto (model/chunked_loss.py)
 
@@ -134,6 +135,9 @@ class ModelConfig:
             _fail("model.mlp_hidden", "must be positive", "use 8/3 * d_model, e.g. 4096 for d_model 1536")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             _fail("model.compute_dtype", f"unknown dtype {self.compute_dtype!r}", "use float32, bfloat16 or float16")
+        if self.decode_attention_implementation not in ("", "xla", "pallas"):
+            _fail("model.decode_attention_implementation", f"unknown {self.decode_attention_implementation!r}",
+                  "use '' (the platform's best), 'xla' or 'pallas'")
         if self.remat not in ("none", "block", "save_dots"):
             _fail("model.remat", f"unknown policy {self.remat!r}", "use none, block or save_dots")
         if self.loss_chunks < 0:

@@ -171,7 +171,8 @@ def _attention_step(cfg: ModelConfig, p: Any, x: jax.Array, st: dict, slot_posit
     rows, slot = jnp.arange(batch), position % st["k"].shape[1]
     cache = {"k": st["k"].at[rows, slot].set(k[:, 0].astype(st["k"].dtype)),
              "v": st["v"].at[rows, slot].set(v[:, 0].astype(st["v"].dtype))}
-    o = sliding_window_attention_decode(q[:, 0], cache["k"], cache["v"], slot_positions, position, window)
+    o = sliding_window_attention_decode(q[:, 0], cache["k"], cache["v"], slot_positions, position, window,
+                                        implementation=cfg.decode_attention_implementation or None)
     out = Dense(cfg.d_model, ("heads", "embed"), dtype).apply({"params": p["o_proj"]}, o.reshape(batch, h * hd))
     return out, cache
 

@@ -19,6 +19,7 @@ BASE = dict(vocab_size=100, d_model=64, num_repeats=1, num_heads=4, num_kv_heads
     (dict(pattern=""), "model.pattern"),
     (dict(d_model=0), "model.d_model"),
     (dict(remat="sometimes"), "model.remat"),
+    (dict(decode_attention_implementation="flash"), "model.decode_attention_implementation"),
     (dict(compute_dtype="float8"), "model.compute_dtype"),
     (dict(bogus=1), "model.bogus"),
 ])

@@ -41,6 +41,21 @@ def test_decoding_equals_the_parallel_forward_far_past_the_window(pattern, promp
         np.testing.assert_allclose(logits, want[:, t], rtol=1e-4, atol=1e-4, err_msg=f"position {t}")
 
 
+def test_decoding_with_the_pallas_attention_step_equals_the_parallel_forward():
+    # The GPU default (flash decoding, pallas_kernels/sliding_window_attention/decode.py), here in
+    # interpret mode, inside the real decode step across the window boundary.
+    cfg, params = model()
+    cfg = dataclasses.replace(cfg, decode_attention_implementation="pallas")
+    seq, prompt_len = 12, 3
+    tokens = jax.random.randint(jax.random.key(2), (2, seq), 0, cfg.vocab_size)
+    want = SambaLM(cfg).apply({"params": params}, tokens)
+    _, state = generate.prefill(cfg, params, tokens[:, :prompt_len], max_len=seq)
+    step = jax.jit(lambda s, t: generate.decode_step(cfg, params, s, t))
+    for t in range(prompt_len, seq):
+        logits, state = step(state, tokens[:, t])
+        np.testing.assert_allclose(logits, want[:, t], rtol=1e-4, atol=1e-4, err_msg=f"position {t}")
+
+
 def test_decoding_state_does_not_grow_with_length():
     cfg, params = model()
     tokens = jnp.zeros((1, 40), jnp.int32)

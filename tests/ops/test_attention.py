@@ -206,15 +206,17 @@ def test_banded_builds_no_seq_by_seq_tensor():
     assert _max_big_axes(fwd("reference"), q, k, v) >= 2
 
 
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
 @pytest.mark.parametrize("window,seq", [(6, 20), (None, 9)])
-def test_decode_ring_buffer_matches_reference(window, seq):
+def test_decode_ring_buffer_matches_reference(window, seq, implementation):
     batch, q_heads, kv_heads, head_dim = 2, 4, 2, 8
     q, k, v, _ = _inputs(9, batch, seq, q_heads, kv_heads, head_dim)
     cache_len = window or seq
     k_cache = jnp.zeros((batch, cache_len, kv_heads, head_dim), jnp.float32)
     v_cache = jnp.zeros_like(k_cache)
     positions = jnp.full((batch, cache_len), -1, jnp.int32)
-    step = jax.jit(sliding_window_attention_decode, static_argnames="window")
+    step = jax.jit(functools.partial(sliding_window_attention_decode, implementation=implementation),
+                   static_argnames="window")
     outs = []
     for t in range(seq):
         slot = t % cache_len
@@ -225,6 +227,25 @@ def test_decode_ring_buffer_matches_reference(window, seq):
         outs.append(step(q[:, t], k_cache, v_cache, positions, pos, window=window))
     ref = _ATTN(q, k, v, window=window, implementation="reference")
     np.testing.assert_allclose(jnp.stack(outs, axis=1), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_len,window,block,splits", [(37, 10, 16, 3), (64, None, 16, 4), (200, 150, 32, None),
+                                                        (5, 3, 16, 1)])
+def test_pallas_decode_matches_xla_decode(cache_len, window, block, splits):
+    # Ring caches with empty (-1), stale, future and in-window slots; cache lengths that are not a
+    # multiple of the block or the split, and splits left without slots (37 slots, 3 splits of 16).
+    from pallas_kernels.sliding_window_attention.decode import attention_decode
+
+    rng = np.random.default_rng(cache_len)
+    batch, q_heads, kv_heads, head_dim = 3, 6, 2, 16
+    q = jnp.asarray(rng.standard_normal((batch, q_heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, cache_len, kv_heads, head_dim)), jnp.float32) for _ in "kv")
+    positions = jnp.asarray(rng.integers(-1, 2 * cache_len, (batch, cache_len)), jnp.int32)
+    position = jnp.asarray([cache_len, 2 * cache_len - 1, 0], jnp.int32)  # row 3 sees at most position 0
+    positions = positions.at[2].set(jnp.where(positions[2] > 0, positions[2], -1))  # row 3: nothing visible
+    want = sliding_window_attention_decode(q, k, v, positions, position, window, implementation="xla")
+    got = attention_decode(q, k, v, positions, position, window=window, block=block, splits=splits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_masks_stale_and_future_slots():
