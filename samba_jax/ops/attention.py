@@ -286,6 +286,8 @@ def sliding_window_attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: j
     if implementation == "pallas":
         if not power_of_two:
             raise ValueError(f"implementation='pallas' needs a power-of-two head_dim, got {head_dim}; use 'xla'")
+        if jax.default_backend() == "tpu":
+            raise ValueError("implementation='pallas' is a GPU (Triton) kernel; on TPU use 'xla' or None")
         from pallas_kernels.sliding_window_attention.decode import attention_decode
 
         return attention_decode(q, k_cache, v_cache, cache_positions, position, window=window)

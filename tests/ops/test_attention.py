@@ -280,12 +280,16 @@ def _bad_call(kind):
                                                               jnp.zeros((1,), i32), 4), "kv_heads"),
         "dec_window": (lambda: sliding_window_attention_decode(q[:, 0], k, v, jnp.zeros((1, 8), i32),
                                                                jnp.zeros((1,), i32), 0), "window"),
+        "dec_impl": (lambda: sliding_window_attention_decode(q[:, 0], k, v, jnp.zeros((1, 8), i32),
+                                                             jnp.zeros((1,), i32), 4, implementation="flash"),
+                     "implementation"),
     }
     return calls[kind]
 
 
 @pytest.mark.parametrize("kind", ["rank", "kv_shape", "seq_mismatch", "heads", "window0", "window_neg", "block0",
-                                  "impl", "dec_position", "dec_cache_pos", "dec_heads", "dec_window"])
+                                  "impl", "dec_position", "dec_cache_pos", "dec_heads", "dec_window",
+                                  "dec_impl"])
 def test_bad_inputs_raise_value_error(kind):
     call, match = _bad_call(kind)
     with pytest.raises(ValueError, match=match):
