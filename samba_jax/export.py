@@ -3,17 +3,16 @@
 python -m samba_jax.export --workdir=RUN --output=OUT --format=safetensors [--step=N] [--dtype=bfloat16]
 
 - `orbax`: a params-only orbax checkpoint (OUT/params) and the model config (OUT/model_config.json).
-- `safetensors`: OUT/model.safetensors in the microsoft/Samba (lit_gpt) state-dict layout, with a
-  reference-style OUT/config.json (n_embd, n_layer, n_head, n_query_groups, intermediate_size,
-  local_window, vocab_size, padded_vocab_size, ...), so `GPT(config).load_state_dict(...)` of the
-  reference reads it; OUT/model_config.json keeps our exact config for a lossless import.
+- `safetensors`: OUT/model.safetensors in the microsoft/Samba (lit_gpt) state-dict layout, with
+  OUT/config.json holding lit_gpt `Config` fields that rebuild the same blocks (n_embd, n_layer,
+  n_head, n_query_groups, intermediate_size, local_window, vocab_size, padded_vocab_size,
+  mb_per_layer / attn_layer_pos, full_per_layer, mamba_init, ...; reference_layout.py), so the
+  reference's `GPT(Config(**config)).load_state_dict(..., strict=True)` reads it; OUT/model_config.json
+  keeps our exact config for a lossless import.
+- `--dtype=bfloat16` stores the matmul weights and embeddings in bfloat16 and keeps `KEEP_FLOAT32` in float32.
 Reading a training checkpoint restores the parameters only (the optimizer state never enters
-memory). `load(path)` takes a training workdir or either export and returns a callable model.
-
-Reference layout (samba_reference.md): one reference block is a mixer and an MLP, so our pattern
-must be (mixer, "mlp") pairs: Samba's "mamba,mlp,swa,mlp" repeat i is blocks 2i (Mamba) and 2i+1
-(SWA). Linear weights are (out, in), the transpose of our kernels; conv1d.weight is
-(d_inner, 1, d_conv); the fused QKV rows are grouped per KV group as [q_0 .. q_{g-1}, k, v].
+memory). `load(path)` takes a training workdir, any export, a directory written by the reference
+(model.safetensors + its config.json) or a transformers directory, and returns a callable model.
 - `hf`: OUT/model.safetensors and OUT/config.json in transformers' layout, for the baseline
   patterns (MambaForCausalLM, LlamaForCausalLM, MistralForCausalLM; see hf_convert.py); `load`
   also reads such directories published by others.
@@ -31,92 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from samba_jax.config import ConfigError, ConfigFileError, ModelConfig
-from samba_jax.hf_convert import mamba_from_torch, mamba_to_torch
+from samba_jax.reference_layout import from_reference, model_config_from_reference, reference_config, to_reference
 
-MIXERS = ("mamba", "swa", "attn")
+# Small, precision-sensitive parameters a bfloat16 export keeps in float32 (the reference keeps them float32 too):
+# the SSM's A_log, D, dt bias and conv, and every norm scale.
+KEEP_FLOAT32 = ("A_log", "D", "conv_kernel", "conv_bias", "dt_bias", "scale")
 
-
-def _blocks(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(mixer index, mlp index) pairs of one repeat of the pattern, as reference blocks."""
-    p = cfg.pattern
-    if len(p) % 2 or any(p[i] not in MIXERS or p[i + 1] != "mlp" for i in range(0, len(p), 2)):
-        raise ConfigError(f"model.pattern={','.join(p)} has no reference layout: the reference's blocks are a mixer "
-                          f"(mamba, swa or attn) followed by an mlp. Fix: export with --format=orbax.")
-    return [(i, i + 1) for i in range(0, len(p), 2)]
-
-
-def to_reference(cfg: ModelConfig, params: Any) -> dict[str, np.ndarray]:
-    """Our params (float32 pytree with stacked repeats) -> the reference's state dict (numpy)."""
-    t = lambda x: np.ascontiguousarray(np.asarray(x).T)  # noqa: E731  (in, out) -> (out, in)
-    out = {"transformer.wte.weight": np.asarray(params["embed"]["embedding"]),
-           "transformer.ln_f.weight": np.asarray(params["final_norm"]["scale"])}
-    out["lm_head.weight"] = out["transformer.wte.weight"] if cfg.tie_embeddings else t(params["lm_head"]["kernel"])
-    blocks, b = _blocks(cfg), params["blocks"]
-    group = cfg.num_heads // cfg.num_kv_heads
-    for r in range(cfg.num_repeats):
-        for j, (mix, mlp) in enumerate(blocks):
-            pre = f"transformer.h.{r * len(blocks) + j}."
-            take = lambda tree: jax.tree.map(lambda x: np.asarray(x[r]), tree)  # noqa: E731
-            out[pre + "norm_1.weight"] = take(b[f"norm_{mix}"])["scale"]
-            out[pre + "norm_2.weight"] = take(b[f"norm_{mlp}"])["scale"]
-            for w in ("w1", "w2", "w3"):
-                out[pre + f"mlp.swiglu.{w}.weight"] = t(take(b[f"mlp_{mlp}"])[w]["kernel"])
-            kind = cfg.pattern[mix]
-            m = take(b[f"{kind}_{mix}"])
-            if kind == "mamba":
-                out.update(mamba_to_torch(m, pre + "attn."))
-            else:
-                hd, kv, d = cfg.head_dim, cfg.num_kv_heads, cfg.d_model
-                q = t(m["q_proj"]["kernel"]).reshape(kv, group, hd, d)
-                k = t(m["k_proj"]["kernel"]).reshape(kv, 1, hd, d)
-                v = t(m["v_proj"]["kernel"]).reshape(kv, 1, hd, d)
-                out[pre + "attn.attn.weight"] = np.concatenate([q, k, v], axis=1).reshape(-1, d)
-                out[pre + "attn.proj.weight"] = t(m["o_proj"]["kernel"])
-    return out
-
-
-def from_reference(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> Any:
-    """The inverse of `to_reference`: a state dict in the reference layout -> our params pytree."""
-    t = lambda x: np.ascontiguousarray(np.asarray(x, np.float32).T)  # noqa: E731
-    blocks = _blocks(cfg)
-    group, hd, kv, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim, cfg.num_kv_heads, cfg.d_model
-    per_repeat = []
-    for r in range(cfg.num_repeats):
-        tree: dict[str, Any] = {}
-        for j, (mix, mlp) in enumerate(blocks):
-            pre = f"transformer.h.{r * len(blocks) + j}."
-            get = lambda name: np.asarray(tensors[pre + name], np.float32)  # noqa: E731
-            tree[f"norm_{mix}"] = {"scale": get("norm_1.weight")}
-            tree[f"norm_{mlp}"] = {"scale": get("norm_2.weight")}
-            tree[f"mlp_{mlp}"] = {w: {"kernel": t(get(f"mlp.swiglu.{w}.weight"))} for w in ("w1", "w2", "w3")}
-            kind = cfg.pattern[mix]
-            if kind == "mamba":
-                m = mamba_from_torch(lambda name: np.asarray(tensors[name], np.float32), pre + "attn.")
-            else:
-                qkv = get("attn.attn.weight").reshape(kv, group + 2, hd, d)
-                m = {"q_proj": {"kernel": t(qkv[:, :group].reshape(-1, d))},
-                     "k_proj": {"kernel": t(qkv[:, group].reshape(-1, d))},
-                     "v_proj": {"kernel": t(qkv[:, group + 1].reshape(-1, d))},
-                     "o_proj": {"kernel": t(get("attn.proj.weight"))}}
-            tree[f"{kind}_{mix}"] = m
-        per_repeat.append(tree)
-    params = {"embed": {"embedding": np.asarray(tensors["transformer.wte.weight"], np.float32)},
-              "final_norm": {"scale": np.asarray(tensors["transformer.ln_f.weight"], np.float32)},
-              "blocks": jax.tree.map(lambda *xs: np.stack(xs), *per_repeat)}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = {"kernel": t(tensors["lm_head.weight"])}
-    return jax.tree.map(jnp.asarray, params)
-
-
-def reference_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The reference's config fields for this model (lit_gpt `Config` names)."""
-    blocks = len(_blocks(cfg)) * cfg.num_repeats
-    return {"n_embd": cfg.d_model, "n_layer": blocks, "n_head": cfg.num_heads, "n_query_groups": cfg.num_kv_heads,
-            "head_size": cfg.head_dim, "intermediate_size": cfg.mlp_hidden,
-            "local_window": cfg.window if "swa" in cfg.pattern else -1, "vocab_size": cfg.vocab_size,
-            "padded_vocab_size": cfg.vocab_size, "rope_base": int(cfg.rope_base), "norm_eps": cfg.norm_eps,
-            "mamba": "mamba" in cfg.pattern, "bias": False, "parallel_residual": False,
-            "_mlp_class": "LLaMAMLP", "_norm_class": "FusedRMSNorm", "rotary_percentage": 1.0}
+def cast_params(params: Any, dtype: str) -> Any:
+    """The params as stored by an export: `dtype`, except KEEP_FLOAT32 leaves, which stay float32."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(jnp.float32 if path[-1].key in KEEP_FLOAT32 else jnp.dtype(dtype)), params)
 
 
 def _model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -177,8 +100,10 @@ def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: 
         raise ConfigError(f"--format={fmt} writes whole tensors from one process; run it as a single process, or "
                           f"export --format=orbax from every process (sharded, nothing gathered).")
     # orbax writes each device's shards itself: restore onto the run's mesh when there are several devices.
-    _, cfg, params, _ = restore_params(workdir, step, sharded=fmt == "orbax" and jax.device_count() > 1)
-    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    run_config, cfg, params, _ = restore_params(workdir, step, sharded=fmt == "orbax" and jax.device_count() > 1)
+    if fmt == "safetensors":
+        ref_config = reference_config(cfg, block_size=run_config.data.seq_len)  # refuses before anything is written
+    params = cast_params(params, dtype)
     if fmt == "hf":
         from safetensors.numpy import save_file
 
@@ -191,7 +116,6 @@ def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: 
         with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
         return output
-    # A tied head is stored twice (as PyTorch's state_dict lists it), so a strict load_state_dict finds both.
     tensors = {k: np.array(v) for k, v in to_reference(cfg, params).items()} if fmt == "safetensors" else None
     if jax.process_index() == 0:
         os.makedirs(output)
@@ -209,7 +133,7 @@ def export(workdir: str, output: str, fmt: str, step: int | None = None, dtype: 
         save_file(tensors, os.path.join(output, "model.safetensors"),
                   metadata={"format": "pt", "layout": "microsoft/Samba lit_gpt"})
         with open(os.path.join(output, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(reference_config(cfg), f, indent=2)
+            json.dump(ref_config, f, indent=2)
     return output
 
 
@@ -232,22 +156,25 @@ def load(path: str, step: int | None = None) -> Model:
         _, cfg, params, _ = restore_params(path, step)
         return Model(cfg, params)
     config_path = os.path.join(path, "model_config.json")
-    hf_config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path) and os.path.isfile(hf_config_path):  # a transformers directory
+    other_config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path) and os.path.isfile(other_config_path):  # the reference's or transformers'
         from safetensors.numpy import load_file
 
         from samba_jax import hf_convert
 
-        with open(hf_config_path, encoding="utf-8") as f:
-            hf_config = json.load(f)
+        with open(other_config_path, encoding="utf-8") as f:
+            other_config = json.load(f)
         tensors = {}
         for name in sorted(os.listdir(path)):  # one file or shards
             if name.endswith(".safetensors"):
                 tensors.update(load_file(os.path.join(path, name)))
-        return Model(*hf_convert.from_hf(hf_config, tensors))
+        if "n_embd" in other_config and "model_type" not in other_config:  # lit_gpt field names: the reference
+            cfg = model_config_from_reference(other_config)
+            return Model(cfg, from_reference(cfg, tensors))
+        return Model(*hf_convert.from_hf(other_config, tensors))
     if not os.path.isfile(config_path):
         raise ConfigFileError(f"{path} is neither a training workdir (checkpoints/) nor an export "
-                              f"(model_config.json). Fix: pass one of those directories.")
+                              f"(model_config.json or config.json). Fix: pass one of those directories.")
     with open(config_path, encoding="utf-8") as f:
         cfg = ModelConfig.from_config(json.load(f))
     if os.path.isfile(os.path.join(path, "model.safetensors")):

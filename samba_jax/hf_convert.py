@@ -22,7 +22,8 @@ from samba_jax.config import ConfigError, ModelConfig
 
 
 def _t(x) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x, np.float32).T)
+    """(in, out) <-> (out, in), keeping the dtype (a bfloat16 export stays bfloat16)."""
+    return np.ascontiguousarray(np.asarray(x).T)
 
 
 def mamba_to_torch(m: Any, prefix: str) -> dict[str, np.ndarray]:
@@ -60,7 +61,7 @@ def _kind(cfg: ModelConfig) -> str:
 def to_hf(cfg: ModelConfig, params: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(state dict, transformers config fields) of a Mamba, Llama or Mistral-shaped model."""
     b = jax.tree.map(np.asarray, params["blocks"])
-    emb = np.asarray(params["embed"]["embedding"], np.float32)
+    emb = np.asarray(params["embed"]["embedding"])
     out: dict[str, np.ndarray] = {}
     if _kind(cfg) == "mamba":
         for i in range(cfg.num_repeats):

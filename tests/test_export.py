@@ -1,66 +1,34 @@
-"""Export and load (samba_jax/export.py): round trips, the reference layout, the CLI."""
+"""Export and load (samba_jax/export.py): round trips through files, the CLI (the layout itself:
+test_reference_layout.py)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import samba_jax
 from samba_jax import export
-from samba_jax.config import ConfigError, ConfigFileError, ModelConfig
-from samba_jax.configs.base import load_experiment
-from samba_jax.trainer import init_state, make_optimizer
+from samba_jax.config import ConfigError, ConfigFileError
 
 
-def model(pattern="mamba,mlp,swa,mlp", kv_heads=2, tie=True):
-    c = load_experiment("experiments/tiny.py")
-    c.model.update(vocab_size=61, d_model=32, num_repeats=2, pattern=pattern, num_heads=4, num_kv_heads=kv_heads,
-                   head_dim=8, window=6, mlp_hidden=48, compute_dtype="float32", tie_embeddings=tie)
-    cfg = ModelConfig.from_config(c.model)
-    tx, _ = make_optimizer(c.optimizer, 10)
-    return cfg, init_state(cfg, tx, jax.random.key(0))["params"]
+def test_bfloat16_exports_keep_the_small_ssm_and_norm_parameters_float32():
+    from samba_jax import hf_convert
+    from tests.test_hf_convert import ours
 
-
-@pytest.mark.parametrize("pattern,kv_heads,tie", [("mamba,mlp,swa,mlp", 2, True), ("attn,mlp", 1, False),
-                                                  ("swa,mlp,mamba,mlp", 4, True)])
-def test_reference_layout_round_trip_is_bit_identical(pattern, kv_heads, tie):
-    cfg, params = model(pattern, kv_heads, tie)
-    back = export.from_reference(cfg, export.to_reference(cfg, params))
-    assert jax.tree.structure(back) == jax.tree.structure(params)
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_reference_names_shapes_and_fused_qkv_order():
-    cfg, params = model()
-    sd = export.to_reference(cfg, params)
-    d, di, rank = cfg.d_model, cfg.d_inner, cfg.resolved_dt_rank
-    assert sd["transformer.h.0.attn.in_proj.weight"].shape == (2 * di, d)
-    assert sd["transformer.h.0.attn.conv1d.weight"].shape == (di, 1, 4)
-    assert sd["transformer.h.0.attn.x_proj.weight"].shape == (rank + 32, di)
-    assert sd["transformer.h.0.attn.A_log"].shape == (di, 16)
-    assert sd["transformer.h.1.attn.attn.weight"].shape == ((4 + 2 * 2) * 8, d)
-    assert sd["transformer.h.3.mlp.swiglu.w3.weight"].shape == (d, cfg.mlp_hidden)
-    assert len([k for k in sd if k.endswith("norm_1.weight")]) == 4  # 2 repeats x (Mamba block, SWA block)
-    # Rows grouped per KV group as [q (2 heads), k, v]: group 1's k rows are rows 48..55.
-    k_kernel = np.asarray(params["blocks"]["swa_2"]["k_proj"]["kernel"][0])  # (d, kv * hd)
-    np.testing.assert_array_equal(sd["transformer.h.1.attn.attn.weight"][48:56], k_kernel[:, 8:16].T)
-    q_kernel = np.asarray(params["blocks"]["swa_2"]["q_proj"]["kernel"][0])
-    np.testing.assert_array_equal(sd["transformer.h.1.attn.attn.weight"][32:48], q_kernel[:, 16:32].T)
-    conf = export.reference_config(cfg)
-    assert (conf["n_embd"], conf["n_layer"], conf["n_head"], conf["n_query_groups"], conf["intermediate_size"],
-            conf["local_window"], conf["vocab_size"]) == (32, 4, 4, 2, 48, 6, 61)
-
-
-def test_patterns_without_a_reference_layout_are_named():
-    cfg, params = model("mamba")
-    with pytest.raises(ConfigError, match="no reference layout.*--format=orbax"):
-        export.to_reference(cfg, params)
+    cfg, params = ours("mamba", True)
+    tensors, _ = hf_convert.to_hf(cfg, export.cast_params(params, "bfloat16"))
+    dtype = lambda name: np.asarray(tensors[f"backbone.{name}"]).dtype.name  # noqa: E731
+    for name in ("embeddings.weight", "layers.0.mixer.in_proj.weight", "layers.0.mixer.x_proj.weight",
+                 "layers.0.mixer.dt_proj.weight", "layers.0.mixer.out_proj.weight"):
+        assert dtype(name) == "bfloat16", name
+    for name in ("norm_f.weight", "layers.0.norm.weight", "layers.0.mixer.conv1d.weight", "layers.0.mixer.conv1d.bias",
+                 "layers.0.mixer.dt_proj.bias", "layers.0.mixer.A_log", "layers.0.mixer.D"):
+        assert dtype(name) == "float32", name
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +53,16 @@ def test_exports_load_back_with_the_same_logits(trained_workdir, tmp_path):
         got = samba_jax.load(out)(ids)
         np.testing.assert_array_equal(got, want)
     with open(tmp_path / "safetensors" / "config.json") as f:
-        assert json.load(f)["n_layer"] == 2
+        conf = json.load(f)
+    with open(os.path.join(trained_workdir, "config.json")) as f:
+        seq_len = json.load(f)["data"]["seq_len"]
+    assert (conf["n_layer"], conf["block_size"]) == (2, seq_len)
+    # What the reference writes: its config.json and the weights, without our model_config.json.
+    reference_dir = tmp_path / "from_reference"
+    reference_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "safetensors" / name, reference_dir / name)
+    np.testing.assert_array_equal(samba_jax.load(str(reference_dir))(ids), want)
     with pytest.raises(ConfigFileError, match="never overwrite"):
         export.export(trained_workdir, str(tmp_path / "orbax"), "orbax")
 
@@ -101,6 +78,10 @@ def test_the_cli_writes_bfloat16_safetensors(trained_workdir, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     tensors = load_file(os.path.join(out, "model.safetensors"))
     assert tensors["transformer.wte.weight"].dtype.name == "bfloat16"
+    assert tensors["transformer.h.0.attn.in_proj.weight"].dtype.name == "bfloat16"
+    for small in ("A_log", "D", "conv1d.weight", "conv1d.bias", "dt_proj.bias"):  # kept exact
+        assert tensors[f"transformer.h.0.attn.{small}"].dtype.name == "float32", small
+    assert tensors["transformer.h.0.norm_1.weight"].dtype.name == "float32"
     np.testing.assert_array_equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"])  # tied, both keys
     logits = samba_jax.load(out)(np.zeros((1, 4), np.int32))
     assert bool(jnp.all(jnp.isfinite(logits)))
