@@ -52,3 +52,9 @@ def test_collectives_benchmark_prints_its_table():
     out = run("collectives.py", "--sizes_mib=1", "--iters=1", devices=2)
     for name in ("all-reduce", "all-gather", "reduce-scatter", "ppermute (ring)"):
         assert f"| {name} | 1 |" in out
+
+
+def test_attention_backends_benchmark_says_it_needs_a_gpu():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "attention_backends.py")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 1 and "run it on an NVIDIA GPU" in out.stderr
