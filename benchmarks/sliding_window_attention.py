@@ -26,13 +26,21 @@ from samba_jax.ops.attention import sliding_window_attention  # noqa: E402
 
 
 def _attention_fn(impl: str, window):
-    """impl: an implementation name, "causal" (full causal cuDNN), pallas:BLOCK_Q:BLOCK_K[:WARPS] (all
-    three kernels), or pallas:FWD/DKV/DQ with each BLOCK_QxBLOCK_KxWARPSxSTAGES (e.g.
-    pallas:128x64x8x3/64x64x8x2/64x64x8x2)."""
+    """impl: an implementation name, "causal" (full causal cuDNN), pallas:mosaic or pallas:triton (one
+    backend at its default tiles), pallas:mosaic:FWD_KxSTAGES/DQ_KxSTAGES/DKV_QxSTAGES (e.g.
+    pallas:mosaic:128x2/64x3/64x3), pallas:BLOCK_Q:BLOCK_K[:WARPS] (Triton, all three kernels), or
+    pallas:FWD/DKV/DQ with each BLOCK_QxBLOCK_KxWARPSxSTAGES (Triton, e.g. pallas:128x64x8x3/64x64x8x2/64x64x8x2)."""
     if impl.startswith("pallas:"):
         from pallas_kernels.sliding_window_attention import kernels, sliding_window_attention as pallas_attention
 
         spec = impl.split(":", 1)[1]
+        if spec in ("mosaic", "triton"):
+            return lambda q, k, v: pallas_attention(q, k, v, min(window, q.shape[1]), backend=spec)
+        if spec.startswith("mosaic:"):
+            from pallas_kernels.sliding_window_attention.mosaic_kernels import MosaicTiles
+
+            tiles = MosaicTiles(*(int(x) for part in spec.split(":")[1].split("/") for x in part.split("x")))
+            return lambda q, k, v: pallas_attention(q, k, v, min(window, q.shape[1]), backend="mosaic", tiles=tiles)
         if "x" in spec:
             tiles = kernels.Tiles(*(kernels.Tile(*(int(x) for x in t.split("x"))) for t in spec.split("/")))
             return lambda q, k, v: pallas_attention(q, k, v, min(window, q.shape[1]), tiles=tiles)

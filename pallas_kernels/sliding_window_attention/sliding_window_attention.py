@@ -1,8 +1,9 @@
 """The Pallas sliding-window attention: padding, defaults and the custom VJP around the kernels.
 
 Semantics of `samba_jax.ops.sliding_window_attention`: query i sees keys i - window < j <= i,
-softmax scale 1/sqrt(head_dim), GQA with kv_heads dividing q_heads. On a CPU backend the kernels run
-in Pallas interpret mode (tests); on GPU through the Triton backend.
+softmax scale 1/sqrt(head_dim), GQA with kv_heads dividing q_heads. Two backends: "triton"
+(kernels.py; any power-of-two head_dim, float32 too; Pallas interpret mode on a CPU backend, for
+tests) and "mosaic" (mosaic_kernels.py; Hopper GPUs, bfloat16/float16, head_dim 64 or 128).
 """
 
 from __future__ import annotations
@@ -15,19 +16,27 @@ import jax.numpy as jnp
 from pallas_kernels.sliding_window_attention import kernels
 
 
+def _module(options):
+    if options.backend == "mosaic":
+        from pallas_kernels.sliding_window_attention import mosaic_kernels  # needs jax's Mosaic GPU
+
+        return mosaic_kernels
+    return kernels
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, options):
-    return kernels.forward(q, k, v, **options.kw)[0]
+    return _module(options).forward(q, k, v, **options.kw)[0]
 
 
 def _attention_fwd(q, k, v, options):
-    o, lse = kernels.forward(q, k, v, **options.kw)
+    o, lse = _module(options).forward(q, k, v, **options.kw)
     return o, (q, k, v, o, lse)
 
 
 def _attention_bwd(options, residuals, do):
     q, k, v, o, lse = residuals
-    return kernels.backward(q, k, v, o, lse, do, **options.kw)
+    return _module(options).backward(q, k, v, o, lse, do, **options.kw)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -36,14 +45,26 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 class _Options:
     """Static kernel options (hashable, for custom_vjp's non-differentiable argument)."""
 
-    def __init__(self, **kw):
-        self.kw = kw
+    def __init__(self, backend, **kw):
+        self.backend, self.kw = backend, kw
+
+    def _key(self):
+        return self.backend, tuple(sorted(self.kw.items()))
 
     def __hash__(self):
-        return hash(tuple(sorted(self.kw.items())))
+        return hash(self._key())
 
     def __eq__(self, other):
-        return isinstance(other, _Options) and self.kw == other.kw
+        return isinstance(other, _Options) and self._key() == other._key()
+
+
+def mosaic_supports(q) -> bool:
+    """Whether the Mosaic GPU kernels take these inputs: a Hopper-class NVIDIA GPU (wgmma, TMA),
+    bfloat16/float16, head_dim 64 or 128 (wider heads overflow the kernels' shared-memory rings)."""
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] not in (64, 128):
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    return float(capability) >= 9.0
 
 
 def default_tiles(seq: int, head_dim: int) -> kernels.Tiles:
@@ -62,30 +83,46 @@ def default_tiles(seq: int, head_dim: int) -> kernels.Tiles:
 
 
 def sliding_window_attention(q, k, v, window: int, *, block_q: int | None = None, block_k: int | None = None,
-                             num_warps: int | None = None, tiles: kernels.Tiles | None = None,
-                             interpret: bool | None = None):
+                             num_warps: int | None = None, tiles=None, interpret: bool | None = None,
+                             backend: str | None = None):
     """q: (batch, seq, q_heads, head_dim); k, v: (batch, seq, kv_heads, head_dim); window in [1, seq].
 
-    tiles: each kernel's blocks, warps and stages (default `default_tiles`); block_q, block_k,
-    num_warps override those of all three kernels. head_dim must be a power of two (Triton tiles).
-    Returns q's shape and dtype.
+    backend: "mosaic", "triton" or None (Mosaic GPU where `mosaic_supports` the inputs and no Triton
+    tuning is given, else Triton). tiles: a `kernels.Tiles` (Triton: each kernel's blocks, warps and
+    stages, default `default_tiles`; block_q, block_k, num_warps override all three kernels) or a
+    `mosaic_kernels.MosaicTiles`. Triton needs a power-of-two head_dim. Returns q's shape and dtype.
     """
     batch, seq, q_heads, head_dim = q.shape
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two for the Pallas kernel, got {head_dim}; use 'banded'")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    tiles = tiles or default_tiles(seq, head_dim)
-    override = {k: v for k, v in dict(block_q=block_q, block_k=block_k, warps=num_warps).items() if v}
-    tiles = kernels.Tiles(*(t._replace(**override) for t in tiles))
-    for name, t in zip(kernels.Tiles._fields, tiles):
-        for field in ("block_q", "block_k"):
-            b = getattr(t, field)
-            if b < 16 or b & (b - 1):
-                raise ValueError(f"{field} must be a power of two >= 16, got {b} ({name} kernel)")
-    block = max(b for t in tiles for b in (t.block_q, t.block_k))
-    padded = block * -(-seq // block)
+    triton_tuning = any((block_q, block_k, num_warps, interpret)) or isinstance(tiles, kernels.Tiles)
+    if backend is None:
+        backend = "mosaic" if mosaic_supports(q) and not triton_tuning else "triton"
+    if backend == "mosaic":
+        if not mosaic_supports(q):
+            raise ValueError(f"backend='mosaic' needs a Hopper GPU, bfloat16/float16 inputs and head_dim a multiple "
+                             f"of 64 up to 256; got {q.dtype}, head_dim {head_dim} on {jax.default_backend()}; "
+                             "use backend='triton'")
+        from pallas_kernels.sliding_window_attention import mosaic_kernels
+
+        multiple = mosaic_kernels.SEQ_MULTIPLE
+        options = _Options("mosaic", window=int(window), seq=seq, tiles=tiles or mosaic_kernels.MosaicTiles())
+    elif backend == "triton":
+        if head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim must be a power of two for the Triton kernel, got {head_dim}; use 'banded'")
+        if interpret is None:
+            interpret = jax.default_backend() == "cpu"
+        tiles = tiles or default_tiles(seq, head_dim)
+        override = {k: v for k, v in dict(block_q=block_q, block_k=block_k, warps=num_warps).items() if v}
+        tiles = kernels.Tiles(*(t._replace(**override) for t in tiles))
+        for name, t in zip(kernels.Tiles._fields, tiles):
+            for field in ("block_q", "block_k"):
+                b = getattr(t, field)
+                if b < 16 or b & (b - 1):
+                    raise ValueError(f"{field} must be a power of two >= 16, got {b} ({name} kernel)")
+        multiple = max(b for t in tiles for b in (t.block_q, t.block_k))
+        options = _Options("triton", window=int(window), seq=seq, tiles=tiles, interpret=bool(interpret))
+    else:
+        raise ValueError(f"backend must be 'mosaic', 'triton' or None, got {backend!r}")
+    padded = multiple * -(-seq // multiple)
     pad = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    options = _Options(window=int(window), seq=seq, tiles=tiles, interpret=bool(interpret))
     return _attention(q, k, v, options)[:, :seq]

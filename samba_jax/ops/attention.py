@@ -7,8 +7,9 @@ and obviously right (the test oracle); "banded" is blocked XLA whose memory is
 O(seq * (window + block)), never seq x seq; "cudnn" is cuDNN's fused flash attention with a local
 window (NVIDIA GPUs, bfloat16/float16; other dtypes fall back to "banded"); "splash" is jax's TPU
 splash attention kernel with a causal band mask (TPU; Pallas interpret mode elsewhere, for tests);
-"pallas" is our flash-style kernel (pallas_kernels/sliding_window_attention; GPU via Triton,
-interpret mode on CPU; 0.62-0.86x cuDNN's speed on an H200, BENCHMARKS.md, so not a default).
+"pallas" is our flash-style kernel (pallas_kernels/sliding_window_attention): Mosaic GPU on Hopper
+(bf16/fp16, head_dim 64 or 128; on an H200 at cuDNN's training speed at window 2048, 1.03-1.18x
+faster at window 512, slower at 4096, BENCHMARKS.md), Triton on other GPUs, interpret mode on CPU.
 Logits, softmax and accumulation run in float32;
 the output has q's dtype. `sliding_window_attention_decode` serves one new token per sequence
 against a ring-buffer KV cache during generation.
@@ -213,8 +214,11 @@ _IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 
 
 def _default_implementation() -> str:
-    """cuDNN on NVIDIA GPUs (the fastest measured there, BENCHMARKS.md), splash on TPU (block-sparse
-    band; not yet measured on a TPU), else blocked XLA."""
+    """cuDNN on NVIDIA GPUs, splash on TPU (block-sparse band; not yet measured on a TPU), else
+    blocked XLA. On an H200 our Mosaic GPU kernel ("pallas") ties cuDNN at Samba's window 2048 and
+    trains faster at window 512 but runs some of those forwards slower (0.83-0.88x at 16K-128K) and
+    loses at 4096 (BENCHMARKS.md), so cuDNN, never slower than itself, stays the default; pass
+    implementation="pallas" (model.attention_implementation) for short windows."""
     return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "banded")
 
 
