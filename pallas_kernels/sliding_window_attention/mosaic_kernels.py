@@ -17,7 +17,7 @@ after FlashAttention-3 (and jax's `pallas/ops/gpu/attention_mgpu.py`, a dense/ca
 
 GQA: the forward and dQ read KV head h // group in place; dK/dV runs per KV head and loops over
 the group's query heads itself (no (batch, seq, q_heads, d) dK/dV and no sum afterwards).
-Needs bfloat16/float16, head_dim a multiple of 64, and a sequence padded to a multiple of 128
+Needs bfloat16/float16, head_dim 64 or 128, and a sequence padded to a multiple of 128
 (the caller pads; causality keeps real queries from the padded keys). The Mosaic GPU interpreter
 of jax 0.11.2 cannot run wgmma, so on a CPU the tests only trace these kernels; their values and
 gradients are tested on the GPU (tests/pallas_kernels/test_sliding_window_attention_mosaic.py).
@@ -40,7 +40,6 @@ WGS = 2  # compute warpgroups per CTA
 ROWS = 64  # rows per compute warpgroup: one wgmma M tile
 SEQ_MULTIPLE = WGS * ROWS  # the caller pads the sequence to this
 _NEG = -1e30  # finite, so a row whose first blocks are all masked gets alpha = 0 later, not NaN
-_RCP_LN2 = 1.4426950408889634
 
 
 class MosaicTiles(NamedTuple):
@@ -52,6 +51,14 @@ class MosaicTiles(NamedTuple):
     dq_stages: int = 3
     dkv_block_q: int = 64
     dkv_stages: int = 3
+
+    def check(self):
+        """Blocks of 64 or 128 rows (they must divide the 128-row padding), at least one stage."""
+        for name, value in self._asdict().items():
+            if name.endswith("stages") and value < 1 or name.endswith(("_k", "_q")) and value not in (64, 128):
+                raise ValueError(f"MosaicTiles.{name} must be {'>= 1' if name.endswith('stages') else '64 or 128'}, "
+                                 f"got {value}")
+        return self
 
 
 def _swizzled(shape, dtype):
@@ -194,7 +201,7 @@ def forward(q, k, v, *, window, seq, tiles: MosaicTiles):
             acc, m, l = _banded_loop(first, last, full_first, full_last, step, (acc, m, l))
             pl.when(wg == 0)(take_turn)
             q_slot[...] = (acc / _row(l, acc.shape)).astype(dtype)
-            lse_slot[...] = m + jnp.log(l) * _RCP_LN2
+            lse_slot[...] = m + jnp.log(l) * LOG2E  # log2(l)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_slot, o_ref.at[b, pl.ds(q_start, ROWS), h])
             plgpu.copy_smem_to_gmem(lse_slot, lse_ref.at[b, h, pl.ds(q_start, ROWS)])

@@ -104,7 +104,7 @@ def sliding_window_attention(q, k, v, window: int, *, block_q: int | None = None
         from pallas_kernels.sliding_window_attention import mosaic_kernels
 
         multiple = mosaic_kernels.SEQ_MULTIPLE
-        options = _Options("mosaic", window=int(window), seq=seq, tiles=tiles or mosaic_kernels.MosaicTiles())
+        options = _Options("mosaic", window=int(window), seq=seq, tiles=(tiles or mosaic_kernels.MosaicTiles()).check())
     elif backend == "triton":
         if head_dim & (head_dim - 1):
             raise ValueError(f"head_dim must be a power of two for the Triton kernel, got {head_dim}; use 'banded'")

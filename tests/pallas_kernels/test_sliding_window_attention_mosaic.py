@@ -91,3 +91,10 @@ def test_mosaic_rejects_float32_by_name():
     q = jnp.zeros((1, 128, 2, 128), jnp.float32)
     with pytest.raises(ValueError, match="backend='triton'"):
         pallas_attention(q, q, q, 16, backend="mosaic")
+
+
+@pytest.mark.parametrize("field,value", [("fwd_block_k", 256), ("dq_block_k", 32), ("dkv_stages", 0)])
+def test_mosaic_tiles_outside_the_supported_set_are_named(field, value):
+    with pytest.raises(ValueError, match=f"MosaicTiles.{field}"):
+        mosaic_kernels.MosaicTiles(**{field: value}).check()
+    assert mosaic_kernels.MosaicTiles().check() == mosaic_kernels.MosaicTiles()
