@@ -98,3 +98,42 @@ def test_mosaic_tiles_outside_the_supported_set_are_named(field, value):
     with pytest.raises(ValueError, match=f"MosaicTiles.{field}"):
         mosaic_kernels.MosaicTiles(**{field: value}).check()
     assert mosaic_kernels.MosaicTiles().check() == mosaic_kernels.MosaicTiles()
+
+
+def _visible(seq, padded, window):
+    q = np.arange(padded)[:, None]
+    k = np.arange(padded)[None, :]
+    return (k <= q) & (k > q - window) & (k < seq)  # (query, key), as kernels._band_mask
+
+
+@pytest.mark.parametrize("seq,window", [(1, 1), (7, 3), (129, 17), (300, 64), (300, 300), (1000, 128), (1000, 200),
+                                        (700, 1)])
+@pytest.mark.parametrize("block", [64, 128])
+def test_band_bounds_of_each_tile_cover_every_visible_pair_and_skip_masks_only_on_whole_blocks(seq, window, block):
+    # The Mosaic kernels take a tile's block range from the 128-row tile and each warpgroup's
+    # unmasked range from its own 64 rows (kernels._key_blocks/_query_blocks, clipped as in
+    # _banded_loop). Brute force: no visible pair outside the range, no masked pair inside the
+    # unmasked part. (On the GPU a violation is wrong values; here it fails on a CPU.)
+    from pallas_kernels.sliding_window_attention.kernels import _key_blocks, _query_blocks
+
+    tile, rows = mosaic_kernels.SEQ_MULTIPLE, mosaic_kernels.ROWS
+    padded = tile * -(-seq // tile)
+    vis = _visible(seq, padded, window)
+    for transposed in (False, True):  # forward/dQ (query rows, key blocks); dK/dV (key rows, query blocks)
+        grid = vis.T if transposed else vis
+        for start in range(0, padded, tile):
+            if transposed:
+                first, last = (int(x) for x in _query_blocks(start, block, tile, window, seq, padded // block)[:2])
+            else:
+                first, last = (int(x) for x in _key_blocks(start, tile, block, window, seq)[:2])
+            outside = np.ones(padded // block, bool)
+            outside[first:last] = False
+            assert not grid[start:start + tile].reshape(tile, -1, block)[:, outside].any()
+            for r0 in (start, start + rows):
+                if transposed:
+                    lo, hi = (int(x) for x in _query_blocks(r0, block, rows, window, seq, padded // block)[2:])
+                else:
+                    lo, hi = (int(x) for x in _key_blocks(r0, rows, block, window, seq)[2:])
+                lo = min(max(lo, first), last)
+                hi = min(max(hi, lo), last)
+                assert grid[r0:r0 + rows, lo * block:hi * block].all()
