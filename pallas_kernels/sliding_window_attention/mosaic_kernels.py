@@ -125,6 +125,18 @@ def _producer(step_rows, sources, slots, ready, free, steps, stages):
             load(i + stages, slot, n)
 
 
+def _launch(body, grid, name, *, out_type, scratch_types):
+    """A kernel over grid (heads, padded seq, batch) in 128-row tiles: WGS compute warpgroups and a
+    memory warpgroup ("wg" = WGS) per CTA; fast approximate exp2/log."""
+    heads, padded, batch = grid
+    return plgpu.kernel(
+        body, out_type=out_type, scratch_types=scratch_types,
+        grid=(heads, padded // SEQ_MULTIPLE, batch), grid_names=("heads", "tiles", "batch"),
+        num_threads=WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True), kernel_name=name,
+    )
+
+
 def forward(q, k, v, *, window, seq, tiles: MosaicTiles):
     """q: (batch, padded, q_heads, d), k, v: (batch, padded, kv_heads, d), padded % 128 == 0.
     Returns o (q's layout and dtype) and the base-2 lse (batch, q_heads, padded) float32."""
@@ -213,9 +225,8 @@ def forward(q, k, v, *, window, seq, tiles: MosaicTiles):
             _producer(rows, (k_ref, v_ref), (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), last - first,
                       stages)
 
-    num_tiles = padded // SEQ_MULTIPLE
-    return plgpu.kernel(
-        body,
+    return _launch(
+        body, (q_heads, padded, batch), "swa_mosaic_fwd",
         out_type=[jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((batch, q_heads, padded), F32)],
         scratch_types=[
             _swizzled((WGS, ROWS, head_dim), dtype), plgpu.SMEM((WGS, ROWS), F32),
@@ -224,10 +235,6 @@ def forward(q, k, v, *, window, seq, tiles: MosaicTiles):
             plgpu.Barrier(num_arrivals=WGS, num_barriers=stages), plgpu.Barrier(num_arrivals=WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=WGS),
         ],
-        grid=(q_heads, num_tiles, batch), grid_names=("heads", "tiles", "batch"),
-        num_threads=WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="swa_mosaic_fwd",
     )(q, k, v)
 
 
@@ -288,8 +295,8 @@ def _dq(q, k, v, do, lse, delta, *, window, seq, tiles: MosaicTiles):
             rows = lambda i, n: (b, pl.ds((first + i) * bk, bk), h // group)  # noqa: E731
             _producer(rows, (k_ref, v_ref), (k_smem, v_smem), (k_ready, v_ready), (free, None), last - first, stages)
 
-    return plgpu.kernel(
-        body,
+    return _launch(
+        body, (q_heads, padded, batch), "swa_mosaic_dq",
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=[
             _swizzled((WGS, ROWS, head_dim), dtype), _swizzled((WGS, ROWS, head_dim), dtype),
@@ -298,10 +305,6 @@ def _dq(q, k, v, do, lse, delta, *, window, seq, tiles: MosaicTiles):
             plgpu.Barrier(num_barriers=4 * WGS), plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_arrivals=WGS, num_barriers=stages),
         ],
-        grid=(q_heads, padded // SEQ_MULTIPLE, batch), grid_names=("heads", "tiles", "batch"),
-        num_threads=WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="swa_mosaic_dq",
     )(q, k, v, do, lse, delta)
 
 
@@ -378,8 +381,8 @@ def _dkv(q, k, v, do, lse, delta, *, window, seq, tiles: MosaicTiles):
                       (q_ready, do_ready, lse_ready, delta_ready), (free, None, None, None), group * per_head, stages)
 
     shape = jax.ShapeDtypeStruct(k.shape, dtype)
-    return plgpu.kernel(
-        body,
+    return _launch(
+        body, (kv_heads, padded, batch), "swa_mosaic_dkv",
         out_type=[shape, shape],
         scratch_types=[
             _swizzled((WGS, ROWS, head_dim), dtype), _swizzled((WGS, ROWS, head_dim), dtype),
@@ -389,10 +392,6 @@ def _dkv(q, k, v, do, lse, delta, *, window, seq, tiles: MosaicTiles):
             *(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
             plgpu.Barrier(num_arrivals=WGS, num_barriers=stages),
         ],
-        grid=(kv_heads, padded // SEQ_MULTIPLE, batch), grid_names=("heads", "tiles", "batch"),
-        num_threads=WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name="swa_mosaic_dkv",
     )(q, k, v, do, lse, delta)
 
 
