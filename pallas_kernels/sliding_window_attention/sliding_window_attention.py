@@ -95,12 +95,15 @@ def sliding_window_attention(q, k, v, window: int, *, block_q: int | None = None
     batch, seq, q_heads, head_dim = q.shape
     triton_tuning = any((block_q, block_k, num_warps, interpret)) or isinstance(tiles, kernels.Tiles)
     if backend is None:
-        backend = "mosaic" if mosaic_supports(q) and not triton_tuning else "triton"
+        mosaic_tiles = tiles is not None and not isinstance(tiles, kernels.Tiles)
+        backend = "mosaic" if mosaic_tiles or (mosaic_supports(q) and not triton_tuning) else "triton"
     if backend == "mosaic":
         if not mosaic_supports(q):
-            raise ValueError(f"backend='mosaic' needs a Hopper GPU, bfloat16/float16 inputs and head_dim a multiple "
-                             f"of 64 up to 256; got {q.dtype}, head_dim {head_dim} on {jax.default_backend()}; "
-                             "use backend='triton'")
+            raise ValueError(f"backend='mosaic' needs a Hopper GPU, bfloat16/float16 inputs and head_dim 64 or 128; "
+                             f"got {q.dtype}, head_dim {head_dim} on {jax.default_backend()}; use backend='triton'")
+        if triton_tuning:
+            raise ValueError("block_q, block_k, num_warps, interpret and kernels.Tiles tune the Triton kernels; "
+                             "pass tiles=mosaic_kernels.MosaicTiles(...) with backend='mosaic', or backend='triton'")
         from pallas_kernels.sliding_window_attention import mosaic_kernels
 
         multiple = mosaic_kernels.SEQ_MULTIPLE
@@ -110,6 +113,8 @@ def sliding_window_attention(q, k, v, window: int, *, block_q: int | None = None
             raise ValueError(f"head_dim must be a power of two for the Triton kernel, got {head_dim}; use 'banded'")
         if interpret is None:
             interpret = jax.default_backend() == "cpu"
+        if tiles is not None and not isinstance(tiles, kernels.Tiles):
+            raise ValueError(f"backend='triton' takes tiles=kernels.Tiles(...), got {type(tiles).__name__}")
         tiles = tiles or default_tiles(seq, head_dim)
         override = {k: v for k, v in dict(block_q=block_q, block_k=block_k, warps=num_warps).items() if v}
         tiles = kernels.Tiles(*(t._replace(**override) for t in tiles))

@@ -89,8 +89,16 @@ def test_mosaic_is_the_pallas_default_on_hopper_and_catches_a_wrong_window():
 def test_mosaic_rejects_float32_by_name():
     # float32 is refused on every backend (on a CPU for want of a GPU as well), naming the alternative.
     q = jnp.zeros((1, 128, 2, 128), jnp.float32)
-    with pytest.raises(ValueError, match="backend='triton'"):
+    with pytest.raises(ValueError, match="head_dim 64 or 128.*backend='triton'"):
         pallas_attention(q, q, q, 16, backend="mosaic")
+    with pytest.raises(ValueError, match="head_dim 64 or 128"):  # MosaicTiles alone select the Mosaic backend
+        pallas_attention(q, q, q, 16, tiles=mosaic_kernels.MosaicTiles())
+
+
+def test_triton_rejects_mosaic_tiles_by_name():
+    q = jnp.zeros((1, 128, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="kernels.Tiles"):
+        pallas_attention(q, q, q, 16, backend="triton", tiles=mosaic_kernels.MosaicTiles())
 
 
 @pytest.mark.parametrize("field,value", [("fwd_block_k", 256), ("dq_block_k", 32), ("dkv_stages", 0)])
