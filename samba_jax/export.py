@@ -36,6 +36,7 @@ from samba_jax.reference_layout import from_reference, model_config_from_referen
 # the SSM's A_log, D, dt bias and conv, and every norm scale.
 KEEP_FLOAT32 = ("A_log", "D", "conv_kernel", "conv_bias", "dt_bias", "scale")
 
+
 def cast_params(params: Any, dtype: str) -> Any:
     """The params as stored by an export: `dtype`, except KEEP_FLOAT32 leaves, which stay float32."""
     return jax.tree_util.tree_map_with_path(
