@@ -143,7 +143,7 @@ def main():
         print(f"| {seq} | {s:,.0f} | " if s else f"| {seq} | failed | ", end="")
         scan = samba[0].scan_implementation or None
         splits = samba[0].scan_sequence_splits or default_sequence_splits(resolve_implementation(scan), 1, seq,
-                                                                           samba[0].d_inner, forward_only=True)
+                                                                           samba[0].d_inner)
         print(f"{t:,.0f} | {s / t:.2f}x | {tflops:.0f} |" if t and s else f"{t or 'failed'} | - | - |", end="")
         print(f" {splits} |", flush=True)
 

@@ -14,7 +14,8 @@ rows repeat), so they arrive in the tile's layout without a shuffle through shar
   B^T, C^T: (d_state, seq) blocks; A: (block_d, d_state); D, delta_bias: (block_d, 1).
 The state carried from tile to tile is d_state columns of (block_d, 1). Steps past the end get
 Δ = 0 (exp(ΔA) = 1, ΔBu = 0: the state passes through) and are never stored.
-The callers' layouts (`layouts.py`, channels-last) are converted at the edges by XLA transposes.
+Callers in mamba_ssm's own layout (`channels_first`: u, delta, z, y as (batch, d, seq)) feed the
+kernels directly; channels-last callers (`layouts.py`) are converted at the edges by XLA transposes.
 """
 
 from __future__ import annotations
@@ -201,19 +202,21 @@ def _specs(seq, d_state, block_d, num_chunks):
     }
 
 
-def _channel_major(x):
+def _swap(x):
     return jnp.swapaxes(x, 1, 2)  # (batch, seq, d) <-> (batch, d, seq)
 
 
-_STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret")
+_STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret", "channels_first")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, interpret):
-    """Contract of `triton_calls.forward_call` (channels-last in and out): y (batch, seq, d), the
-    states entering each chunk (batch, num_chunks, d, d_state; only `backward` reads them), and
-    the final state (batch, d_state, d)."""
-    batch, seq, width = u.shape
+def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, interpret,
+            channels_first=False):
+    """Contract of `triton_calls.forward_call`: y (batch, seq, d), the states entering each chunk
+    (batch, num_chunks, d, d_state; only `backward` reads them), and the final state (batch, d_state, d).
+    channels_first: u, delta, z and y are (batch, d, seq) instead (no transposes)."""
+    edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
+    batch, width, seq = u.shape if channels_first else _swap(u).shape
     d_state = at.shape[0]
     num_chunks = pl.cdiv(seq, chunk)
     s = _specs(seq, d_state, block_d, num_chunks)
@@ -229,16 +232,18 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="selective_scan_cm_fwd",
-    )(_channel_major(u), _channel_major(delta), _channel_major(z), bt, ct, at.T, d.T, bias.T,
+    )(edge(u), edge(delta), edge(z), bt, ct, at.T, d.T, bias.T,
       jnp.swapaxes(h0, 1, 2))
-    return _channel_major(y), chunk_states, jnp.swapaxes(final, 1, 2)
+    return edge(y), chunk_states, jnp.swapaxes(final, 1, 2)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
-             num_warps, interpret):
-    """Gradients in the layouts of `layouts.backward_out_shapes` (per-block partials reduced by the caller)."""
-    batch, seq, width = u.shape
+             num_warps, interpret, channels_first=False):
+    """Gradients in the layouts of `layouts.backward_out_shapes` (per-block partials reduced by the caller);
+    channels_first: u, delta, z, dy, du, ddelta, dz are (batch, d, seq)."""
+    edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
+    batch, width, seq = u.shape if channels_first else _swap(u).shape
     d_state = at.shape[0]
     blocks = width // block_d
     s = _specs(seq, d_state, block_d, chunk_states.shape[1])
@@ -258,8 +263,8 @@ def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chun
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="selective_scan_cm_bwd",
-    )(_channel_major(u), _channel_major(delta), _channel_major(z), bt, ct, at.T, d.T, bias.T, chunk_states,
-      _channel_major(dy), jnp.swapaxes(dfinal, 1, 2))
+    )(edge(u), edge(delta), edge(z), bt, ct, at.T, d.T, bias.T, chunk_states,
+      edge(dy), jnp.swapaxes(dfinal, 1, 2))
     to_state = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (batch, d, d_state) -> (batch, d_state, d)
-    return (_channel_major(du), _channel_major(ddelta), _channel_major(dz), dbt, dct, to_state(da),
+    return (edge(du), edge(ddelta), edge(dz), dbt, dct, to_state(da),
             to_state(dd), to_state(dbias), to_state(dh0))

@@ -17,7 +17,6 @@ import flax.linen as nn
 from samba_jax import context_parallel, ops
 from samba_jax.config import ModelConfig
 from samba_jax.model.layers import Dense, uniform_init
-from samba_jax.ops.selective_scan import default_sequence_splits, resolve_implementation
 
 
 def dt_bias_init(cfg: ModelConfig):
@@ -104,9 +103,6 @@ class MambaMixer(nn.Module):
                            sequence_splits=cfg.scan_sequence_splits or None)
         if self.is_mutable_collection(DECODE_STATE) and not self.is_initializing():  # prefill for generation
             initial = None if previous is None else previous["h"]
-            if not cfg.scan_sequence_splits:  # no gradient here: the forward's own best split
-                scan_kwargs["sequence_splits"] = default_sequence_splits(
-                    resolve_implementation(scan_kwargs["implementation"]), *u.shape, forward_only=True)
             y, final = ops.selective_scan(*scan_args, **scan_kwargs, initial_state=initial, return_final_state=True)
             # The conv's inputs from before the next token, oldest first (zeros before the sequence).
             conv = jnp.pad(x_in.astype(jnp.float32), ((0, 0), (max(0, tail - x_in.shape[1]), 0), (0, 0)))

@@ -182,24 +182,33 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
                    delta_bias: Array | None = None, delta_softplus: bool = False,
                    initial_state: Array | None = None, return_final_state: bool = False,
                    implementation: str | None = None,
-                   chunk_size: int = 64, sequence_splits: int | None = 1) -> Array | tuple[Array, Array]:
-    """Mamba-1 selective scan, semantics of mamba_ssm's `selective_scan_fn` (channels-last).
+                   chunk_size: int = 64, sequence_splits: int | None = 1,
+                   layout: str = "channels_last") -> Array | tuple[Array, Array]:
+    """Mamba-1 selective scan, semantics of mamba_ssm's `selective_scan_fn`.
 
     u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
+    layout: "channels_last" (above) or "channels_first", mamba_ssm's own: u, delta, z, y
+      (batch, d_inner, seq) and B, C (batch, d_state, seq). The fused channel-major kernel reads that
+      layout directly; every other path transposes to channels-last and back.
     implementation: "reference", "associative", "chunked" or "pallas" (fused kernel; "pallas:<backend>"
       picks its kernel module, e.g. "pallas:triton"); None picks the platform default.
     chunk_size: steps per chunk for "chunked", steps between saved states for "pallas" (clipped to seq).
     sequence_splits: scan this many equal pieces of the sequence side by side, as extra batch rows,
       then join them exactly (see `_scan_in_pieces`): more parallel work for kernels that walk the
       sequence, at twice the scan work. None picks `default_sequence_splits`.
-    Returns y (batch, seq, d_inner) in u's dtype, plus the float32 final state
-    (batch, d_inner, d_state) if return_final_state.
+    Returns y (batch, seq, d_inner) (channels-first: (batch, d_inner, seq)) in u's dtype, plus the
+    float32 final state (batch, d_inner, d_state) if return_final_state.
     """
     u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
     D, z, delta_bias, initial_state = (None if x is None else jnp.asarray(x)
                                        for x in (D, z, delta_bias, initial_state))
-    sequence, state_sequence = ("batch", "seq", "d_inner"), ("batch", "seq", "d_state")
+    if layout == "channels_first":
+        sequence, state_sequence = ("batch", "d_inner", "seq"), ("batch", "d_state", "seq")
+    elif layout == "channels_last":
+        sequence, state_sequence = ("batch", "seq", "d_inner"), ("batch", "seq", "d_state")
+    else:
+        raise ValueError(f"selective_scan: `layout` must be 'channels_last' or 'channels_first', got {layout!r}")
     _validate("selective_scan", u, A, sequence, {
         "delta": (delta, sequence), "z": (z, sequence), "B": (B, state_sequence),
         "C": (C, state_sequence), "D": (D, ("d_inner",)), "delta_bias": (delta_bias, ("d_inner",)),
@@ -208,6 +217,13 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"selective_scan: `chunk_size` must be an integer >= 1, got {chunk_size!r}")
     implementation = resolve_implementation(implementation)
+    if layout == "channels_first" and not (implementation in ("pallas", "pallas:triton_channel_major")
+                                           and sequence_splits == 1):
+        swap = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # the other paths are channels-last
+        out = selective_scan(swap(u), swap(delta), A, swap(B), swap(C), D, None if z is None else swap(z),
+                             delta_bias, delta_softplus, initial_state, return_final_state, implementation,
+                             chunk_size, sequence_splits)
+        return (swap(out[0]), out[1]) if return_final_state else swap(out)
     if sequence_splits is None:
         sequence_splits = default_sequence_splits(implementation, *u.shape)
     if isinstance(sequence_splits, bool) or not isinstance(sequence_splits, numbers.Integral) or sequence_splits < 1:
@@ -223,7 +239,7 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
 
         backend = implementation.partition(":")[2] or None
         return fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                    return_final_state, chunk_size=int(chunk_size), backend=backend)
+                                    return_final_state, chunk_size=int(chunk_size), backend=backend, layout=layout)
     scan_core = _IMPLEMENTATIONS[implementation]
 
     batch, _, d_inner = u.shape
@@ -237,21 +253,21 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
     return (y, final_state) if return_final_state else y
 
 
-def default_sequence_splits(implementation: str, batch: int, seq: int, d_inner: int,
-                            forward_only: bool = False) -> int:
+def default_sequence_splits(implementation: str, batch: int, seq: int, d_inner: int) -> int:
     """Sequence pieces for the fused GPU kernel when batch x d_inner alone gives it too little work.
 
     Each kernel program walks its whole sequence, so with few channel rows (batch x d_inner) the
     GPU idles. Measured on an H200 (BENCHMARKS.md, selective scan): the step-by-step kernel
-    ("pallas:triton") at 1 x 16K x 4096 bf16 runs fwd+bwd in 20.5 ms with 16 pieces instead of 42.9;
-    the channel-major kernel (the default "pallas") is faster unsplit for training (11.5 vs 14.8 ms)
-    and gains only in the forward (3.1 vs 3.8 ms; 21.5 vs 26.6 ms at 128K), so it is split only
-    when `forward_only` (prefill). Splits: at <= 8K rows, pieces of >= 512 steps, until 64K rows.
+    ("pallas:triton") at 1 x 16K x 4096 bf16 runs fwd+bwd in 20.5 ms with 16 pieces instead of 42.9,
+    so it is split: at <= 8K rows, pieces of >= 512 steps, until 64K rows. The channel-major kernel
+    (the default "pallas") is not: unsplit it trains faster (11.5 vs 14.8 ms), and since its
+    forward-only tiles (4 channels x 128 steps) fill the GPU at batch 1, samba_1b's unsplit prefill
+    is faster too (173.9K against 153.8K tokens/s at 128K; 159.9K against 138.1K at 4K).
     Other implementations: 1.
     """
     if implementation not in _FUSED_IMPLEMENTATIONS or jax.default_backend() != "gpu" or batch * d_inner > _SPLIT_MAX_ROWS:
         return 1
-    if not forward_only and implementation in ("pallas", "pallas:triton_channel_major"):
+    if implementation in ("pallas", "pallas:triton_channel_major"):
         return 1
     splits = 1
     while batch * d_inner * splits < _SPLIT_TARGET_ROWS and seq // (2 * splits) >= _SPLIT_MIN_STEPS:

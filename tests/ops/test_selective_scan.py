@@ -157,12 +157,12 @@ def test_default_sequence_splits_only_split_the_gpu_kernel_at_small_batch(monkey
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert module.default_sequence_splits("chunked", 1, 1 << 17, 4096) == 1
     assert module.default_sequence_splits("pallas", 1, 1 << 17, 4096) == 1  # training: unsplit is faster
-    assert module.default_sequence_splits("pallas:triton", 1, 1 << 17, 4096) > 1
-    long_prompt = module.default_sequence_splits("pallas", 1, 1 << 17, 4096, forward_only=True)
+    assert module.default_sequence_splits("pallas:triton_channel_major", 1, 1 << 17, 4096) == 1
+    long_prompt = module.default_sequence_splits("pallas:triton", 1, 1 << 17, 4096)
     assert long_prompt > 1 and (1 << 17) // long_prompt >= module._SPLIT_MIN_STEPS
     assert 4096 * long_prompt >= module._SPLIT_TARGET_ROWS or (1 << 17) // long_prompt < 2 * module._SPLIT_MIN_STEPS
-    assert module.default_sequence_splits("pallas", 1, module._SPLIT_MIN_STEPS, 4096, True) == 1  # too short
-    assert module.default_sequence_splits("pallas", 4, 4096, 4096, True) == 1  # enough rows already
+    assert module.default_sequence_splits("pallas:triton", 1, module._SPLIT_MIN_STEPS, 4096) == 1  # too short
+    assert module.default_sequence_splits("pallas:triton", 4, 4096, 4096) == 1  # enough rows already
 
 
 def test_bad_sequence_splits_raise_value_error_naming_them():
@@ -317,3 +317,29 @@ def test_unknown_implementation_lists_valid_names():
     inputs = make_inputs(9, seq=3)
     with pytest.raises(ValueError, match="associative.*chunked.*pallas.*reference"):
         selective_scan(**inputs, implementation="cuda")
+
+
+@pytest.mark.parametrize("implementation,splits", [("chunked", 1), ("pallas", 1), ("pallas", 3)])
+def test_channels_first_layout_equals_channels_last(implementation, splits):
+    """mamba_ssm's (batch, d_inner, seq) layout: same outputs and gradients, transposed."""
+    inputs = make_inputs(11, batch=2, seq=19, d_inner=5, d_state=4)
+    per_step = ("u", "delta", "z", "B", "C")
+    swap = lambda args: {k: jnp.swapaxes(v, 1, 2) if k in per_step else v for k, v in args.items()}  # noqa: E731
+
+    def loss(args, layout):
+        y, final = selective_scan(**args, delta_softplus=True, return_final_state=True, layout=layout,
+                                  implementation=implementation, chunk_size=8, sequence_splits=splits)
+        if layout == "channels_first":
+            y = jnp.swapaxes(y, 1, 2)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(final ** 2)
+
+    want, want_grads = jax.value_and_grad(loss)(inputs, "channels_last")
+    got, got_grads = jax.value_and_grad(loss)(swap(inputs), "channels_first")
+    assert_close(got, want)
+    got_grads = swap(got_grads)
+    for name in inputs:
+        assert_close(got_grads[name], want_grads[name], err_msg=name)
+    with pytest.raises(ValueError, match="`delta` must have shape \\(batch, d_inner, seq\\)"):
+        selective_scan(**dict(swap(inputs), delta=inputs["delta"]), layout="channels_first")
+    with pytest.raises(ValueError, match="`layout`"):
+        selective_scan(**inputs, layout="NCW")

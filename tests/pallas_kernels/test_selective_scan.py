@@ -70,6 +70,89 @@ def test_fused_matches_reference_values_and_every_gradient(batch, seq, width, d_
         assert_close(grads[name], grads_ref[name], 2e-5, name)
 
 
+def channels_first(args):
+    """mamba_ssm's layout: (batch, d_inner, seq) and (batch, d_state, seq) for the per-step inputs."""
+    per_step = ("u", "delta", "z", "B", "C")
+    return {k: jnp.swapaxes(v, 1, 2) if k in per_step else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("backend", ["triton_channel_major", "triton"])
+@pytest.mark.parametrize("batch,seq,width,chunk", [(2, 129, 40, 16), (1, 7, 24, 4)])
+def test_channels_first_layout_matches_reference_values_and_every_gradient(batch, seq, width, chunk, backend):
+    args = make_inputs(batch, seq, width, 16)
+    loss_ref, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True,
+                                                                          implementation="reference"))
+    def scan(**kwargs):  # y back to channels-last, so the loss weights the same elements
+        y, final = fused(**kwargs, layout="channels_first")
+        return jnp.swapaxes(y, 1, 2), final
+
+    # The channel-major kernels read this layout as is; "triton" gets transposes in the wrapper.
+    loss, grads = values_and_grads(scan, channels_first(args), dict(delta_softplus=True, chunk_size=chunk,
+                                                                    block_d=16, backend=backend))
+    grads = channels_first(grads)  # back to channels-last to compare
+    assert_close(loss, loss_ref, 1e-5, "loss")
+    for name in args:
+        assert_close(grads[name], grads_ref[name], 2e-5, name)
+
+
+def transposed_shapes(jaxpr):
+    """Input shapes of every transpose outside the kernels, recursing into jit, custom_vjp, ... bodies."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "transpose":
+            shapes.append(tuple(eqn.invars[0].aval.shape))
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    shapes += transposed_shapes(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_only_channels_last_calls_pay_sequence_sized_transposes(layout):
+    args = make_inputs(1, 64, 32, 16)
+    args = channels_first(args) if layout == "channels_first" else args
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(jnp.sin(fused(
+        **a, delta_softplus=True, chunk_size=16, backend="triton_channel_major", layout=layout)))))(args)
+    # Transposes of the (batch, d_inner, d_state) states and (d_inner, d_state) A are cheap; the
+    # (batch, seq, d_inner) ones are what channels-last pays (u, delta, z, y; u, delta, z, dy, du, ddelta, dz).
+    sequence_sized = [shape for shape in transposed_shapes(jaxpr.jaxpr) if set(shape) >= {64, 32}]
+    if layout == "channels_first":
+        assert not sequence_sized, sequence_sized
+    else:  # the test can see them
+        assert len(sequence_sized) >= 11, sequence_sized
+
+
+def test_unknown_layout_is_named():
+    with pytest.raises(ValueError, match="layout"):
+        fused(**make_inputs(1, 8, 16, 16), layout="batch_major")
+
+
+@pytest.mark.parametrize("dtype,seq", [(jnp.float32, 300), (jnp.bfloat16, 300), (jnp.float32, 5)])
+def test_forward_only_tiles_match_reference(dtype, seq):
+    """Undifferentiated calls scan 64- or 128-step tiles (not the backward's 32): ragged ends and a
+    sequence shorter than one tile."""
+    args = make_inputs(2, seq, 24, 16, dtype=dtype)
+    module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
+    knobs = module.default_channel_major_tuning(2, seq, 24, 32, jnp.dtype(dtype).itemsize)
+    assert knobs["fwd_only_chunk"] == min(64 if dtype == jnp.float32 else 128, module._next_power_of_2(seq))
+    y, final = fused(**args, delta_softplus=True, return_final_state=True, backend="triton_channel_major")
+    f32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    want, want_final = ops.selective_scan(**f32, delta_softplus=True, return_final_state=True,
+                                          implementation="reference")
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert_close(y, want, tolerance, "y")
+    assert_close(final, want_final, tolerance, "final state")
+
+
+def test_forward_only_tuning_is_validated():
+    with pytest.raises(ValueError, match="fwd_only_chunk"):
+        fused(**make_inputs(1, 8, 16, 16), backend="triton_channel_major", tuning=dict(fwd_only_chunk=48))
+
+
 def test_dispatcher_routes_pallas_to_the_fused_kernel():
     args = make_inputs(1, 20, 32, 16)
     y = ops.selective_scan(**args, delta_softplus=True, implementation="pallas", chunk_size=8)
