@@ -62,7 +62,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     scan_implementation: str = ""  # "" lets the op choose for the platform
     scan_chunk: int = 64
-    scan_sequence_splits: int = 0  # 0 lets the op choose (default_sequence_splits: only "pallas:triton" is split, at small batch)
+    scan_sequence_splits: int = 0  # 0: the op chooses (`default_sequence_splits`; only "pallas:triton" splits)
     attention_implementation: str = ""
     attention_block: int = 0  # 0: the op's default
     decode_attention_implementation: str = ""  # generation's attention step: "" (the op's choice) | xla | pallas
