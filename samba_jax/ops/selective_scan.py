@@ -189,8 +189,8 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
     u, delta, z: (batch, seq, d_inner); A: (d_inner, d_state); B, C: (batch, seq, d_state);
     D, delta_bias: (d_inner,); initial_state: (batch, d_inner, d_state).
     layout: "channels_last" (above) or "channels_first", mamba_ssm's own: u, delta, z, y
-      (batch, d_inner, seq) and B, C (batch, d_state, seq). The fused channel-major kernel reads that
-      layout directly; every other path transposes to channels-last and back.
+      (batch, d_inner, seq) and B, C (batch, d_state, seq). The fused channel-major kernel (the GPU
+      default) reads that layout directly; every other path transposes to channels-last and back.
     implementation: "reference", "associative", "chunked" or "pallas" (fused kernel; "pallas:<backend>"
       picks its kernel module, e.g. "pallas:triton"); None picks the platform default.
     chunk_size: steps per chunk for "chunked", steps between saved states for "pallas" (clipped to seq).
@@ -217,9 +217,9 @@ def selective_scan(u: Array, delta: Array, A: Array, B: Array, C: Array,
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"selective_scan: `chunk_size` must be an integer >= 1, got {chunk_size!r}")
     implementation = resolve_implementation(implementation)
-    if layout == "channels_first" and not (implementation in ("pallas", "pallas:triton_channel_major")
-                                           and sequence_splits == 1):
-        swap = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # the other paths are channels-last
+    if layout == "channels_first" and not (implementation in _FUSED_IMPLEMENTATIONS and sequence_splits == 1):
+        # The XLA paths and the split scan are channels-last (the fused wrapper takes either layout).
+        swap = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
         out = selective_scan(swap(u), swap(delta), A, swap(B), swap(C), D, None if z is None else swap(z),
                              delta_bias, delta_softplus, initial_state, return_final_state, implementation,
                              chunk_size, sequence_splits)
