@@ -80,7 +80,7 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     only_block, only_chunk = (8, 64) if itemsize >= 4 else (4, 128)
     only_chunk = min(only_chunk, _next_power_of_2(seq))
     return dict(fwd_block_d=fwd_block, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps,
-                fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
+                bwd_atomic_cols=0, fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
                 fwd_only_warps=max(1, only_block * only_chunk // 256))
 
 
@@ -133,7 +133,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     tuning: overrides of the defaults: fwd_block_d, bwd_block_d, fwd_warps, bwd_warps (Triton warps
       per program), and for "triton" fwd_prefetch, bwd_prefetch (steps loaded ahead, `default_tuning`);
       for the channel-major kernels also fwd_only_block_d, fwd_only_chunk, fwd_only_warps (the
-      forward when it is not differentiated, `default_channel_major_tuning`).
+      forward when it is not differentiated, `default_channel_major_tuning`) and bwd_atomic_cols
+      (1: the backward sums dB and dC over channel blocks with float32 atomic adds, as mamba_ssm does,
+      in a run-to-run varying order; 0, the default: per-block partial sums reduced by XLA).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
@@ -176,7 +178,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         knobs = dict(fwd_block_d=block_d, bwd_block_d=block_d)
         if backend == "triton_channel_major":
             warps = max(1, block_d * chunk // 256)
-            knobs.update(fwd_warps=warps, bwd_warps=warps, fwd_only_block_d=block_d, fwd_only_chunk=chunk,
+            knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0, fwd_only_block_d=block_d, fwd_only_chunk=chunk,
                          fwd_only_warps=warps)
         else:
             knobs.update(default_tuning(batch, width, block_d))
@@ -255,4 +257,7 @@ class _Options(dict):
                     num_warps=self["fwd_only_warps"])
 
     def backward(self) -> dict:
-        return self._for("bwd")
+        options = self._for("bwd")
+        if self["backend"] == "triton_channel_major":
+            options["atomic_cols"] = bool(self["bwd_atomic_cols"])
+        return options

@@ -115,9 +115,10 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_
 
 
 def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_ref, chunk_states_ref,
-                     dy_ref, dfinal_ref,
-                     du_ref, ddelta_ref, dz_ref, dbt_ref, dct_ref, da_ref, dd_ref, dbias_ref, dh0_ref,
-                     *, seq, chunk, softplus, has_z):
+                     dy_ref, dfinal_ref, *out_refs, seq, chunk, softplus, has_z, atomic_cols):
+    if atomic_cols:  # the zero accumulators come in as inputs aliased to the dB, dC outputs
+        out_refs = out_refs[2:]
+    du_ref, ddelta_ref, dz_ref, dbt_ref, dct_ref, da_ref, dd_ref, dbias_ref, dh0_ref = out_refs
     block_d, d_state = a_ref.shape
     a = [_load(a_ref.at[:, pl.ds(n, 1)]) for n in range(d_state)]
     d_skip, bias = _load(d_ref), _load(bias_ref)
@@ -161,11 +162,9 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
             dh_b = dh * b_row
             d_dt = d_dt + d_decayed * a[n] + dh_b * u
             du = du + dh_b * dt
-            window = pl.ds(tile.start, chunk)
-            pltriton.store(dbt_ref.at[pl.ds(n, 1), window], jnp.sum(dh * dtu, axis=0, keepdims=True),
-                           mask=valid_steps)
-            pltriton.store(dct_ref.at[pl.ds(n, 1), window], jnp.sum(states * dy_gate, axis=0, keepdims=True),
-                           mask=valid_steps)
+            _store_col(dbt_ref, n, tile.start, jnp.sum(dh * dtu, axis=0, keepdims=True), valid_steps, atomic_cols)
+            _store_col(dct_ref, n, tile.start, jnp.sum(states * dy_gate, axis=0, keepdims=True), valid_steps,
+                       atomic_cols)
             dh_out.append(tile.column(dh * decay, 0))  # into the previous tile's last state
         if has_z:  # y = y_pre * silu(z)
             tile.store_rows(dz_ref, dy * y_pre * sig * (1.0 + z * (1.0 - sig)))
@@ -186,10 +185,27 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
     pltriton.store(dbias_ref, dbias_acc)
 
 
-def _specs(seq, d_state, block_d, num_chunks):
+def _store_col(ref, n, start, values, valid, atomic):
+    """State n's (1, chunk) dB or dC sums over this program's channels, at steps [start, start + chunk).
+
+    atomic: added into one (d_state, padded seq) accumulator shared by every channel block, as
+    mamba_ssm does, instead of stored as this block's partial sums for XLA to reduce afterwards
+    (2.1 GB written and read again at 4 x 4096 x 4096 with 4 channels per block). The float32 sum
+    order then varies from run to run. The accumulator is padded to whole tiles, so no mask is
+    needed (interpret mode has no masked atomics); steps past the end add zeros.
+    """
+    window = (pl.ds(n, 1), pl.ds(start, values.shape[1]))
+    if atomic:
+        pltriton.atomic_add(ref, window, jnp.where(valid, values, 0.0))
+    else:
+        pltriton.store(ref.at[window], values, mask=valid)
+
+
+def _specs(seq, d_state, block_d, num_chunks, chunk):
     """Channel-major blocks: row (batch, d, seq), col (batch, d_state, seq), param (d, d_state),
     vec (d, 1), state (batch, d, d_state), chunks (batch, num_chunks, d, d_state),
-    partial_col (batch, d_blocks, d_state, seq), vec_out (batch, d, 1)."""
+    partial_col (batch, d_blocks, d_state, seq), accumulated_col (batch, d_state, num_chunks * chunk)
+    shared by all blocks, vec_out (batch, d, 1)."""
     return {
         "row": pl.BlockSpec((None, block_d, seq), lambda b, j: (b, j, 0)),
         "col": pl.BlockSpec((None, d_state, seq), lambda b, j: (b, 0, 0)),
@@ -198,6 +214,7 @@ def _specs(seq, d_state, block_d, num_chunks):
         "state": pl.BlockSpec((None, block_d, d_state), lambda b, j: (b, j, 0)),
         "chunks": pl.BlockSpec((None, num_chunks, block_d, d_state), lambda b, j: (b, 0, j, 0)),
         "partial_col": pl.BlockSpec((None, None, d_state, seq), lambda b, j: (b, j, 0, 0)),
+        "accumulated_col": pl.BlockSpec((None, d_state, num_chunks * chunk), lambda b, j: (b, 0, 0)),
         "vec_out": pl.BlockSpec((None, block_d, 1), lambda b, j: (b, j, 0)),
     }
 
@@ -219,7 +236,7 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
     batch, width, seq = u.shape if channels_first else _swap(u).shape
     d_state = at.shape[0]
     num_chunks = pl.cdiv(seq, chunk)
-    s = _specs(seq, d_state, block_d, num_chunks)
+    s = _specs(seq, d_state, block_d, num_chunks, chunk)
     kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z)
     y, chunk_states, final = pl.pallas_call(
         kernel,
@@ -237,34 +254,52 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
     return edge(y), chunk_states, jnp.swapaxes(final, 1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "atomic_cols"))
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
-             num_warps, interpret, channels_first=False):
+             num_warps, interpret, channels_first=False, atomic_cols=False):
     """Gradients in the layouts of `layouts.backward_out_shapes` (per-block partials reduced by the caller);
-    channels_first: u, delta, z, dy, du, ddelta, dz are (batch, d, seq)."""
+    channels_first: u, delta, z, dy, du, ddelta, dz are (batch, d, seq).
+    atomic_cols: dB and dC summed over channel blocks in the kernel (`_store_col`); their partials then
+    have one block."""
     edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
     batch, width, seq = u.shape if channels_first else _swap(u).shape
     d_state = at.shape[0]
     blocks = width // block_d
-    s = _specs(seq, d_state, block_d, chunk_states.shape[1])
-    kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z)
+    num_chunks = chunk_states.shape[1]
+    s = _specs(seq, d_state, block_d, num_chunks, chunk)
+    kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
+                               atomic_cols=atomic_cols)
     row = lambda x: jax.ShapeDtypeStruct((batch, width, seq), x.dtype)  # noqa: E731
     state = jax.ShapeDtypeStruct((batch, width, d_state), F32)
     vec = jax.ShapeDtypeStruct((batch, width, 1), F32)
-    partial_col = jax.ShapeDtypeStruct((batch, blocks, d_state, seq), F32)
+    inputs = [edge(u), edge(delta), edge(z), bt, ct, at.T, d.T, bias.T, chunk_states, edge(dy),
+              jnp.swapaxes(dfinal, 1, 2)]
+    in_specs = [s["row"], s["row"], s["row"], s["col"], s["col"], s["param"], s["vec"], s["vec"], s["chunks"],
+                s["row"], s["state"]]
+    if atomic_cols:  # zero accumulators, updated in place
+        col_spec = s["accumulated_col"]
+        col = jax.ShapeDtypeStruct((batch, d_state, num_chunks * chunk), F32)
+        inputs += [jnp.zeros(col.shape, F32)] * 2
+        in_specs += [col_spec] * 2
+        aliases = {len(inputs) - 2: 3, len(inputs) - 1: 4}
+    else:
+        col_spec = s["partial_col"]
+        col = jax.ShapeDtypeStruct((batch, blocks, d_state, seq), F32)
+        aliases = {}
     du, ddelta, dz, dbt, dct, da, dd, dbias, dh0 = pl.pallas_call(
         kernel,
         grid=(batch, blocks),
-        in_specs=[s["row"], s["row"], s["row"], s["col"], s["col"], s["param"], s["vec"], s["vec"], s["chunks"],
-                  s["row"], s["state"]],
-        out_specs=[s["row"], s["row"], s["row"], s["partial_col"], s["partial_col"], s["state"], s["vec_out"],
+        in_specs=in_specs,
+        out_specs=[s["row"], s["row"], s["row"], col_spec, col_spec, s["state"], s["vec_out"],
                    s["vec_out"], s["state"]],
-        out_shape=[row(u), row(delta), row(z), partial_col, partial_col, state, vec, vec, state],
+        out_shape=[row(u), row(delta), row(z), col, col, state, vec, vec, state],
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="selective_scan_cm_bwd",
-    )(edge(u), edge(delta), edge(z), bt, ct, at.T, d.T, bias.T, chunk_states,
-      edge(dy), jnp.swapaxes(dfinal, 1, 2))
+    )(*inputs)
+    if atomic_cols:  # one "block" of partials, cut to the sequence
+        dbt, dct = dbt[:, None, :, :seq], dct[:, None, :, :seq]
     to_state = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (batch, d, d_state) -> (batch, d_state, d)
     return (edge(du), edge(ddelta), edge(dz), dbt, dct, to_state(da),
             to_state(dd), to_state(dbias), to_state(dh0))

@@ -195,6 +195,9 @@ def test_no_state_sized_tensor_in_forward_or_backward():
 @pytest.mark.parametrize("backend,tuning", [("triton_channel_major", dict(fwd_warps=1, bwd_warps=1)),
                                             ("triton_channel_major", dict(fwd_block_d=8, bwd_block_d=32,
                                                                           fwd_warps=2, bwd_warps=4)),
+                                            ("triton_channel_major", dict(bwd_atomic_cols=1)),
+                                            ("triton_channel_major", dict(bwd_atomic_cols=1, bwd_block_d=2)),
+                                            ("triton_channel_major", dict(bwd_atomic_cols=0, bwd_block_d=8)),
                                             ("triton", dict(fwd_prefetch=0, bwd_prefetch=0)),
                                             ("triton", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
 def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
