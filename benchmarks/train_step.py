@@ -119,11 +119,15 @@ def measure(experiment: str, micro_batch: int, seq_len: int, steps: int, overrid
     }
 
 
+def child_command(args, experiment: str, mesh_spec: str, micro_batch: int, seq_len: int) -> list[str]:
+    return [sys.executable, __file__, "--_one", f"--experiment={experiment}", f"--micro_batches={micro_batch}",
+            f"--seq_len={seq_len}", f"--steps={args.steps}", f"--mesh={mesh_spec}",
+            *[f"--override={o}" for o in args.override]]
+
+
 def run_one(args, experiment: str, mesh_spec: str, micro_batch: int, seq_len: int) -> dict | str:
     """One measurement in a child process: its row, or why there is none."""
-    cmd = [sys.executable, __file__, "--_one", f"--experiment={experiment}", f"--micro_batches={micro_batch}",
-           f"--seq_len={seq_len}", f"--steps={args.steps}", f"--mesh={mesh_spec}",
-           *[f"--override={o}" for o in args.override]]
+    cmd = child_command(args, experiment, mesh_spec, micro_batch, seq_len)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -132,6 +136,43 @@ def run_one(args, experiment: str, mesh_spec: str, micro_batch: int, seq_len: in
     if not lines:
         return "out of memory" if "RESOURCE_EXHAUSTED" in out.stderr else out.stderr[-1500:]
     return json.loads(lines[0][len("RESULT "):])
+
+
+def runs(args):
+    """(experiment, mesh, seq_len, micro-batches largest first) in the order the run tries them."""
+    for experiment in args.experiment:
+        for mesh_spec in args.mesh or [""]:
+            sizes = parse_mesh(mesh_spec)
+            scale = sizes["data"] * sizes["fsdp"] if args.per_batch_shard else 1
+            for seq_len in sorted(int(x) for x in args.seq_len.split(",")):
+                yield experiment, mesh_spec, seq_len, sorted((int(x) * scale for x in args.micro_batches.split(",")),
+                                                             reverse=True)
+
+
+def dry_run(args, overrides: dict) -> None:
+    """Print each child command the run would start, after the checks it makes before compiling; no device used."""
+    import math
+    import shlex
+
+    from samba_jax import sharding
+    from samba_jax.config import ConfigError, ModelConfig, parameter_count
+    from samba_jax.configs.base import load_experiment
+
+    for experiment, mesh_spec, seq_len, micro_batches in runs(args):
+        config = load_experiment(experiment)
+        config.model.update(overrides)
+        model_cfg = ModelConfig.from_config(config.model)
+        sizes = parse_mesh(mesh_spec)
+        devices = math.prod(sizes.values())
+        print(f"# {experiment}: {parameter_count(model_cfg)['total'] / 1e6:.1f}M parameters, "
+              f"mesh {mesh_spec or '- (unsharded)'}: {devices} device(s), seq {seq_len}", flush=True)
+        for mb in micro_batches:
+            try:
+                sharding.check_model_fits_mesh(model_cfg, sizes, seq_len, mb)
+            except ConfigError as e:
+                print(f"# micro-batch {mb}: would fail: {e}")
+                continue
+            print(shlex.join(child_command(args, experiment, mesh_spec, mb, seq_len)))
 
 
 def main():
@@ -147,6 +188,8 @@ def main():
     parser.add_argument("--override", action="append", default=[], help="model field=value, e.g. remat=block")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per (experiment, micro-batch)")
     parser.add_argument("--json_out", default="")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the command of every measurement and the mesh checks; needs no devices")
     parser.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     overrides = {}
@@ -159,38 +202,43 @@ def main():
                                              args.steps, overrides, args.mesh[0] if args.mesh else "")), flush=True)
         return
 
-    rows = []
-    for experiment in args.experiment:
-        for mesh_spec in args.mesh or [""]:
-            sizes = parse_mesh(mesh_spec)
-            scale = sizes["data"] * sizes["fsdp"] if args.per_batch_shard else 1
-            for seq_len in sorted(int(x) for x in args.seq_len.split(",")):
-                fitted = False
-                for mb in sorted((int(x) * scale for x in args.micro_batches.split(",")), reverse=True):
-                    row = run_one(args, experiment, mesh_spec, mb, seq_len)
-                    if isinstance(row, str):
-                        print(f"{experiment} mesh {mesh_spec or '-'} micro-batch {mb} x {seq_len}: {row}", flush=True)
-                        continue
-                    fitted = True
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                if not fitted:
-                    break  # longer sequences will not fit either
+    if args.dry_run:
+        dry_run(args, overrides)
+        return
+
+    rows, too_long = [], set()
+    for experiment, mesh_spec, seq_len, micro_batches in runs(args):
+        if (experiment, mesh_spec) in too_long:
+            continue  # a shorter sequence did not fit
+        fitted = False
+        for mb in micro_batches:
+            row = run_one(args, experiment, mesh_spec, mb, seq_len)
+            if isinstance(row, str):
+                print(f"{experiment} mesh {mesh_spec or '-'} micro-batch {mb} x {seq_len}: {row}", flush=True)
+                continue
+            fitted = True
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if not fitted:
+            too_long.add((experiment, mesh_spec))  # longer sequences will not fit either
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
 
     one_device = {(r["experiment"], r["seq_len"]): r["tokens_per_sec"] for r in rows if r["devices"] == 1}
     print("\n| experiment | mesh | devices | micro-batch x seq | params | step | tokens/s | vs 1 device | "
-          "vs PyTorch ref (1 GPU) | TFLOP/s | MFU | peak mem/device | compile |\n" + "|---" * 13 + "|")
+          "per device vs 1 | vs PyTorch ref (1 GPU) | TFLOP/s | MFU | peak mem/device | compile |\n"
+          + "|---" * 14 + "|")
     for r in rows:
         ref = PYTORCH_TOKENS_PER_SEC.get(r["experiment"])
         ratio = f"{r['tokens_per_sec'] / ref:.2f}x" if ref and r["devices"] == 1 else "-"
         base = one_device.get((r["experiment"], r["seq_len"]))
         scaling = f"{r['tokens_per_sec'] / base:.2f}x" if base and r["devices"] > 1 else "-"
+        per_device = f"{r['tokens_per_sec'] / base / r['devices']:.2f}" if base and r["devices"] > 1 else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"| {r['experiment']} | {r['mesh']} | {r['devices']} | {r['micro_batch']} x {r['seq_len']} | "
-              f"{r['params_m']:.1f}M | {r['step_ms']:.0f} ms | {r['tokens_per_sec']:,.0f} | {scaling} | {ratio} | "
+              f"{r['params_m']:.1f}M | {r['step_ms']:.0f} ms | {r['tokens_per_sec']:,.0f} | {scaling} | {per_device} | "
+              f"{ratio} | "
               f"{r['tflops']:.0f} | {mfu} | {r['peak_gib']:.1f} GiB | {r['compile_s']:.0f} s |")
     if rows:
         print(f"\n{rows[0]['device']}, jax {rows[0]['jax']}; scan={rows[0]['scan']}, attention={rows[0]['attention']}, "

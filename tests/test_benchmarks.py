@@ -58,3 +58,26 @@ def test_attention_backends_benchmark_says_it_needs_a_gpu():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "attention_backends.py")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 1 and "run it on an NVIDIA GPU" in out.stderr
+
+
+def test_train_step_dry_run_prints_the_8_gpu_commands_without_devices():
+    """The scaling runs of 4 and 8 GPUs (issues 8, 9) are ready: their commands and mesh checks, on one CPU."""
+    out = run("train_step.py", "--experiment=experiments/samba_3_8b.py", "--experiment=experiments/samba_1b.py",
+              "--mesh=fsdp=8", "--mesh=fsdp=4,tensor=2", "--micro_batches=1", "--per_batch_shard",
+              "--seq_len=4096", "--dry_run")
+    header = next(line for line in out.splitlines() if line.startswith("# experiments/samba_3_8b.py"))
+    params_m = float(header.split(": ")[1].split("M")[0])
+    assert 3700 < params_m < 3900, header  # "~3.8B" (issue 9)
+    commands = [line for line in out.splitlines() if "--_one" in line]
+    assert len(commands) == 4, out
+    assert any("--experiment=experiments/samba_3_8b.py" in c and "--mesh=fsdp=4,tensor=2" in c
+               and "--micro_batches=4" in c for c in commands), commands
+    assert "8 device(s)" in out
+
+
+def test_train_step_dry_run_names_a_mesh_that_cannot_split_the_model():
+    out = run("train_step.py", "--experiment=experiments/tiny.py", *TINY, "--override=num_heads=3",
+              "--override=num_kv_heads=3", "--override=d_model=96", "--mesh=tensor=2", "--micro_batches=2",
+              "--seq_len=32", "--dry_run")
+    assert "would fail" in out and "model.num_heads=3 is not divisible by mesh.tensor=2" in out, out
+    assert "--_one" not in out
