@@ -228,8 +228,10 @@ def test_cli_exit_codes_tell_schedulers_not_to_retry(error, code, monkeypatch, c
     def failing(*args):
         raise getattr(kind, error)("the reason")
 
-    for name in ("_CONFIG", "_WORKDIR", "_STOP_AFTER"):
-        monkeypatch.setattr(train, name, types.SimpleNamespace(value=None))
+    # Stand-ins for every flag main reads, so the test does not depend on absl having parsed flags.
+    for name, value in (("_CONFIG", None), ("_WORKDIR", None), ("_STOP_AFTER", 0), ("_COORDINATOR", ""),
+                        ("_NUM_PROCESSES", 0), ("_PROCESS_ID", -1)):
+        monkeypatch.setattr(train, name, types.SimpleNamespace(value=value))
     monkeypatch.setattr(train, "train_and_evaluate", failing)
     with pytest.raises(SystemExit) as exit_info:
         train.main(["train"])
