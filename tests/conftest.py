@@ -1,5 +1,6 @@
 """Test-wide settings (CPU only, float32 matmuls at full precision) and a shared tiny tokenizer."""
 
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,6 +14,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    XLA:CPU maps each compiled executable's code into its own memory regions. The whole
+    suite in one process compiles thousands of programs; kept alive by jax's caches they
+    pushed the mapping count past Linux's default limit (vm.max_map_count = 65530) near the
+    end of the run, where the next compilation crashed the interpreter (SIGSEGV).
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -179,8 +179,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         knobs = dict(fwd_block_d=block_d, bwd_block_d=block_d)
         if backend == "triton_channel_major":
             warps = max(1, block_d * chunk // 256)
-            knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0, fwd_only_block_d=block_d, fwd_only_chunk=chunk,
-                         fwd_only_warps=warps)
+            knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0, fwd_only_block_d=block_d,
+                         fwd_only_chunk=chunk, fwd_only_warps=warps)
         else:
             knobs.update(default_tuning(batch, width, block_d))
     knobs.update(tuning or {})
