@@ -1,7 +1,8 @@
 """Selective-scan implementations side by side: forward and forward+backward time, memory, floors.
 
 python benchmarks/selective_scan.py                      # the issue's shapes and the models' shapes
-python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 --impls=pallas,pallas:64:4:2:4:4,cm:16:4:32:2:1,chunked
+python benchmarks/selective_scan.py --shapes=4x4096x4096 --dtypes=bfloat16 \\
+  --impls=pallas,pallas:64:4:2:4:4,cm:16:4:32:2:1,chunked
 python benchmarks/selective_scan.py --shapes=4x4096x4096 --impls=pallas --layouts=channels_last,channels_first
 
 All inputs of mamba_ssm's training call (delta_bias + softplus, D, z gate; d_state 16). Times are
@@ -38,9 +39,11 @@ def inputs(batch, seq, width, dtype, d_state=16, layout="channels_last"):
     """The op's arguments; channels_first: u, delta, z (batch, d_inner, seq), B, C (batch, d_state, seq)."""
     k = jax.random.split(jax.random.key(0), 7)
     args = dict(
-        u=jax.random.normal(k[0], (batch, seq, width), dtype), delta=jax.random.normal(k[1], (batch, seq, width), dtype),
+        u=jax.random.normal(k[0], (batch, seq, width), dtype),
+        delta=jax.random.normal(k[1], (batch, seq, width), dtype),
         A=-jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (width, d_state)),
-        B=jax.random.normal(k[2], (batch, seq, d_state), dtype), C=jax.random.normal(k[3], (batch, seq, d_state), dtype),
+        B=jax.random.normal(k[2], (batch, seq, d_state), dtype),
+        C=jax.random.normal(k[3], (batch, seq, d_state), dtype),
         D=jnp.ones((width,)), z=jax.random.normal(k[4], (batch, seq, width), dtype),
         delta_bias=jnp.full((width,), -4.0))
     if layout == "channels_first":

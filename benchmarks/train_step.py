@@ -114,7 +114,8 @@ def measure(experiment: str, micro_batch: int, seq_len: int, steps: int, overrid
         "tflops": tokens_per_sec * flops / 1e12, "mfu": tokens_per_sec * flops / (peak * devices) if peak else None,
         "peak_gib": peak_bytes / 2**30, "loss": float(m["loss"]),
         "device": device.device_kind, "jax": jax.__version__,
-        "scan": model_cfg.scan_implementation or "default", "attention": model_cfg.attention_implementation or "default",
+        "scan": model_cfg.scan_implementation or "default",
+        "attention": model_cfg.attention_implementation or "default",
         "remat": model_cfg.remat,
     }
 

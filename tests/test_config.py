@@ -110,7 +110,8 @@ BAD_RUN_CONFIGS = [
     ({"optimizer.learning_rate": float("nan")}, r"config\.optimizer\.learning_rate: must be >= 0, got nan"),
     ({"optimizer.warmup_fraction": 1.0}, r"config\.optimizer\.warmup_fraction: must be in \[0, 1\)"),
     ({"max_consecutive_bad_steps": -1}, r"config\.max_consecutive_bad_steps: must be >= 0, got -1"),
-    ({"data.tokenizer": "/nonexistent/sp.model"}, r"config\.data\.tokenizer: file '/nonexistent/sp\.model' does not exist"),
+    ({"data.tokenizer": "/nonexistent/sp.model"},
+     r"config\.data\.tokenizer: file '/nonexistent/sp\.model' does not exist"),
 ]
 
 

@@ -102,7 +102,8 @@ def test_orbax_export_on_eight_devices_restores_sharded_and_loads_back(trained_w
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = ("import sys, jax; from samba_jax import export; "
               "_, _, p, _ = export.restore_params(sys.argv[1], sharded=True); "
-              "leaf = p['embed']['embedding']; print('SHARDS', len(leaf.sharding.device_set), leaf.is_fully_replicated); "
+              "leaf = p['embed']['embedding']; "
+              "print('SHARDS', len(leaf.sharding.device_set), leaf.is_fully_replicated); "
               "export.export(sys.argv[1], sys.argv[2], 'orbax')")
     run = subprocess.run([sys.executable, "-c", script, trained_workdir, out], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300)

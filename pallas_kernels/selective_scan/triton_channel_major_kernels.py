@@ -5,8 +5,8 @@ Each program owns one batch element and `block_d` channels and walks the sequenc
 over a tile as one parallel scan (`linear_recurrence`, Triton's tt.scan). Tiles are
 (block_d, chunk) with the step axis last and contiguous in memory, as mamba_ssm lays out
 (batch, dim, seqlen). (An earlier kernel with the channels contiguous, (chunk, block_d) tiles, had
-its scans cross warps and ran 2-3.5x slower than the step-by-step kernel; BENCHMARKS.md.) Triton's default layouts then give each
-thread a run of consecutive steps of one channel (a vector load), so the scan is sequential inside
+its scans cross warps and ran 2-3.5x slower than the step-by-step kernel; BENCHMARKS.md.) Triton's
+default layouts then give each thread a run of consecutive steps of one channel (a vector load), so the scan is sequential inside
 a thread and a few warp shuffles across threads, never crossing warps, which is mamba_ssm's own
 block-scan recipe. B and C are loaded already broadcast over the channels (an index array whose
 rows repeat), so they arrive in the tile's layout without a shuffle through shared memory.

@@ -79,7 +79,8 @@ def default_tiles(seq: int, head_dim: int) -> kernels.Tiles:
         block = 64 if seq >= 64 else 16
         tile = kernels.Tile(block, block, 4 if head_dim <= 64 else 8, 2)
         return kernels.Tiles(tile, tile, tile)
-    return kernels.Tiles(fwd=kernels.Tile(64, 64, 4, 3), dkv=kernels.Tile(128, 64, 8, 2), dq=kernels.Tile(128, 64, 8, 3))
+    return kernels.Tiles(fwd=kernels.Tile(64, 64, 4, 3), dkv=kernels.Tile(128, 64, 8, 2),
+                         dq=kernels.Tile(128, 64, 8, 3))
 
 
 def sliding_window_attention(q, k, v, window: int, *, block_q: int | None = None, block_k: int | None = None,

@@ -59,7 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
         scan_implementation="",  # "" = best for the platform; reference | associative | chunked
         scan_chunk=64,
         scan_sequence_splits=0,  # 0 = the op chooses (GPU kernel at small batch x long sequence); 1 = never split
-        attention_implementation="",  # "" = best for the platform (cudnn on GPU, else banded); reference | banded | cudnn
+        # "" = best for the platform (cudnn on GPU, else banded); reference | banded | cudnn
+        attention_implementation="",
         attention_block=0,
         decode_attention_implementation="",  # generation: "" = pallas for SWA on GPU, else xla
         remat="none",  # none | block | save_dots

@@ -265,7 +265,8 @@ def default_sequence_splits(implementation: str, batch: int, seq: int, d_inner: 
     is faster too (173.9K against 153.8K tokens/s at 128K; 159.9K against 138.1K at 4K).
     Other implementations: 1.
     """
-    if implementation not in _FUSED_IMPLEMENTATIONS or jax.default_backend() != "gpu" or batch * d_inner > _SPLIT_MAX_ROWS:
+    if (implementation not in _FUSED_IMPLEMENTATIONS or jax.default_backend() != "gpu"
+            or batch * d_inner > _SPLIT_MAX_ROWS):
         return 1
     if implementation in ("pallas", "pallas:triton_channel_major"):
         return 1
@@ -310,7 +311,10 @@ def _scan_in_pieces(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial
     _, finals = selective_scan(pu, pdelta, A, pB, pC, return_final_state=True, **common)
     decays = chunk_decay(pdelta, A, delta_bias, delta_softplus)
     state_shape = (batch, pieces, d_inner, A.shape[1])
-    h0 = jnp.zeros((batch, *state_shape[2:]), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    if initial_state is None:
+        h0 = jnp.zeros((batch, *state_shape[2:]), jnp.float32)
+    else:
+        h0 = initial_state.astype(jnp.float32)
 
     def fold(h, piece):  # the state entering the next piece, from the state entering this one
         final, decay = piece
