@@ -6,10 +6,11 @@ over a tile as one parallel scan (`linear_recurrence`, Triton's tt.scan). Tiles 
 (block_d, chunk) with the step axis last and contiguous in memory, as mamba_ssm lays out
 (batch, dim, seqlen). (An earlier kernel with the channels contiguous, (chunk, block_d) tiles, had
 its scans cross warps and ran 2-3.5x slower than the step-by-step kernel; BENCHMARKS.md.) Triton's
-default layouts then give each thread a run of consecutive steps of one channel (a vector load), so the scan is sequential inside
-a thread and a few warp shuffles across threads, never crossing warps, which is mamba_ssm's own
-block-scan recipe. B and C are loaded already broadcast over the channels (an index array whose
-rows repeat), so they arrive in the tile's layout without a shuffle through shared memory.
+default layouts then give each thread a run of consecutive steps of one channel (a vector load),
+so the scan is sequential inside a thread and a few warp shuffles across threads, never crossing
+warps, which is mamba_ssm's own block-scan recipe. B and C are loaded already broadcast over the
+channels (an index array whose rows repeat), so they arrive in the tile's layout without a
+shuffle through shared memory.
   u, delta, z, y, dy: (block_d, chunk) tiles of (d, seq) blocks, transposed outside the kernel;
   B^T, C^T: (d_state, seq) blocks; A: (block_d, d_state); D, delta_bias: (block_d, 1).
 The state carried from tile to tile is d_state columns of (block_d, 1). Steps past the end get
