@@ -83,3 +83,22 @@ def test_train_step_dry_run_names_a_mesh_that_cannot_split_the_model():
               "--seq_len=32", "--dry_run")
     assert "would fail" in out and "model.num_heads=3 is not divisible by mesh.tensor=2" in out, out
     assert "--_one" not in out
+
+
+def test_selective_scan_bounds_variants_take_and_print_their_table():
+    """Each ablation must change the kernels' outputs (or its patch did not reach the trace); as_is must not."""
+    out = run("selective_scan_bounds.py", "--shape=1x40x24", "--dtype=float32", "--iters=1")
+    differences = {}
+    for line in out.splitlines():
+        if line.startswith("<!-- "):
+            name, _, rest = line[5:].partition(":")
+            differences[name] = float(rest.split()[-2])
+    assert set(differences) == {"as_is", "no_exp", "no_scan", "no_bc_loads", "no_carry", "state_loop_only"}, out
+    assert differences.pop("as_is") == 0.0
+    assert all(d > 1e-3 for d in differences.values()), differences
+    assert "| no_scan |" in out and "ex2_ftz left out" in out
+
+
+def test_profile_driver_launches_the_scan_kernels():
+    out = run("profile_selective_scan.py", "--shape=1x40x24", "--dtype=float32", "--tuning=fwd_block_d=8")
+    assert "launched the forward-only kernel, then the training forward and the backward" in out
