@@ -9,15 +9,24 @@ times the three calls of a training step's scan: the forward-only call (prefill 
 with the training tiles, and forward+backward. Variants change every kernel at once:
 
   as_is        the kernels as they are
-  ex2_ftz      exp2 as one `ex2.approx.ftz.f32` instruction (inline PTX) instead of libdevice's exp2f
+  bc_f32       B and C cast to float32 before the kernels (a candidate, not an ablation: the kernels
+               then load 4-byte values per state and step instead of unpacking bfloat16 ones)
   no_exp       exp2(x) -> 1 + x (one FMA instead of the special-function unit)
   no_scan      the tile's linear recurrence -> a * b (no scan, no shuffles)
+  no_reverse   the backward's reverse-time scans run forward in time instead (Triton lowers a reverse
+               scan with its inputs and outputs flipped across lanes; this leaves the flips out)
+  row_store_converted  the backward's dB, dC rows stored as (1, chunk) rows, which Triton converts
+               to another layout through shared memory first (the kernel before 2026-12-06; not an
+               ablation)
+  no_col_sums  the backward's dB, dC (per step, summed over the block's channels) never stored, so
+               their reductions across channels are dead code
   no_bc_loads  B and C rows -> values made from the step index (no loads)
   no_carry     the state carried between tiles -> zero (no column extraction)
   state_loop_only  all of the above at once: what is left is the loads, stores and the loop over states
 
-Outputs of the variants are wrong by construction, except ex2_ftz's; each one's difference from
-as_is is printed (a variant whose outputs equal as_is's did not take).
+Outputs of the ablations are wrong by construction (bc_f32's and row_store_converted's must equal
+as_is's); each variant's difference from as_is is printed (an ablation whose outputs equal as_is's
+did not take).
 Times are medians of --iters calls (benchmarks/timing.py), all in one process, on one GPU.
 """
 
@@ -39,17 +48,11 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.selective_scan import EXP_PER_S, inputs  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
 from pallas_kernels.selective_scan import triton_channel_major_kernels as tcm  # noqa: E402
+from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence  # noqa: E402
 
 fused = importlib.import_module("pallas_kernels.selective_scan.selective_scan")  # the module, not its function
 
 F32 = jnp.float32
-
-
-def _ex2_ftz(x):
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-                                           result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])[0]
 
 
 class _Numpy:
@@ -62,6 +65,22 @@ class _Numpy:
         return getattr(jnp, name)
 
 
+def _float32_columns(kernel):
+    """kernel(u, delta, z, bt, ct, ...) with B^T, C^T cast to float32 first."""
+
+    def call(u, delta, z, bt, ct, *rest, **options):
+        return kernel(u, delta, z, bt.astype(F32), ct.astype(F32), *rest, **options)
+
+    return call
+
+
+def _row_store_converted(ref, n, tile, values, valid, atomic):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    pltriton.store(ref.at[pl.ds(n, 1), pl.ds(tile.start, values.shape[1])], values, mask=valid)
+
+
 def _no_bc_loads(self, ref, n):
     return self.step.astype(F32) * (1.0 / 64) + n * 0.01
 
@@ -72,13 +91,23 @@ def _no_carry(self, x, j):
 
 PATCHES = {
     "as_is": [],
-    "ex2_ftz": [("jnp", _Numpy(_ex2_ftz))],
+    "bc_f32": [("forward", _float32_columns(tcm.forward)), ("backward", _float32_columns(tcm.backward))],
     "no_exp": [("jnp", _Numpy(lambda x: 1.0 + x))],
     "no_scan": [("linear_recurrence", lambda a, b, axis, reverse=False: a * b)],
+    "no_reverse": [("linear_recurrence", lambda a, b, axis, reverse=False: linear_recurrence(a, b, axis))],
+    "row_store_converted": [("_store_col", _row_store_converted)],
+    "no_col_sums": [("_store_col", lambda *args: None)],
     "no_bc_loads": [("_Tile.broadcast", _no_bc_loads)],
     "no_carry": [("_Tile.column", _no_carry)],
 }
 PATCHES["state_loop_only"] = [p for name in ("no_exp", "no_scan", "no_bc_loads", "no_carry") for p in PATCHES[name]]
+
+
+def _relative_difference(x, y):
+    """max |x - y| / max |y|, infinite where x holds a NaN that y does not (an unwritten output)."""
+    x, y = x.astype(F32), y.astype(F32)
+    diff = jnp.where(jnp.isnan(x) != jnp.isnan(y), jnp.inf, jnp.abs(x - y))
+    return float(jnp.nanmax(diff) / (jnp.nanmax(jnp.abs(y)) + 1e-30))
 
 
 @contextlib.contextmanager
@@ -98,9 +127,6 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     variants = args.variants.split(",")
-    if jax.default_backend() != "gpu" and "ex2_ftz" in variants:  # inline PTX has no interpret mode
-        print("ex2_ftz left out: inline PTX runs only on an NVIDIA GPU")
-        variants.remove("ex2_ftz")
     batch, seq, width = (int(x) for x in args.shape.split("x"))
     a = inputs(batch, seq, width, jnp.dtype(args.dtype), layout="channels_first")
     exp_floor_ms = batch * seq * width * 16 / EXP_PER_S * 1e3
@@ -131,9 +157,8 @@ def main():
         times = [median_ms(f, a, iters=args.iters) for f in compiled]
         out = [compiled[0](a), compiled[2](a)]  # y, and all gradients
         reference = out if reference is None else reference
-        err = max(float(jnp.max(jnp.abs(x.astype(F32) - y.astype(F32))) / (jnp.max(jnp.abs(y.astype(F32))) + 1e-30))
-                  for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
-        # as_is and ex2_ftz must agree (to rounding); every other variant must differ, or its patch did nothing.
+        err = max(_relative_difference(x, y) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
+        # bc_f32, row_store_converted must agree with as_is; an ablation must differ, or its patch did not take.
         print(f"<!-- {variant}: max relative difference from as_is over y and all gradients {err:.2e} -->")
         print(f"| {variant} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} | {times[2] - times[1]:.2f} |",
               flush=True)

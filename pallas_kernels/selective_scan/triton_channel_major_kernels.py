@@ -163,9 +163,8 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
             dh_b = dh * b_row
             d_dt = d_dt + d_decayed * a[n] + dh_b * u
             du = du + dh_b * dt
-            _store_col(dbt_ref, n, tile.start, jnp.sum(dh * dtu, axis=0, keepdims=True), valid_steps, atomic_cols)
-            _store_col(dct_ref, n, tile.start, jnp.sum(states * dy_gate, axis=0, keepdims=True), valid_steps,
-                       atomic_cols)
+            _store_col(dbt_ref, n, tile, jnp.sum(dh * dtu, axis=0, keepdims=True), valid_steps, atomic_cols)
+            _store_col(dct_ref, n, tile, jnp.sum(states * dy_gate, axis=0, keepdims=True), valid_steps, atomic_cols)
             dh_out.append(tile.column(dh * decay, 0))  # into the previous tile's last state
         if has_z:  # y = y_pre * silu(z)
             tile.store_rows(dz_ref, dy * y_pre * sig * (1.0 + z * (1.0 - sig)))
@@ -186,9 +185,13 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
     pltriton.store(dbias_ref, dbias_acc)
 
 
-def _store_col(ref, n, start, values, valid, atomic):
-    """State n's (1, chunk) dB or dC sums over this program's channels, at steps [start, start + chunk).
+def _store_col(ref, n, tile, values, valid, atomic):
+    """State n's (1, chunk) dB or dC sums over this program's channels, at the tile's steps.
 
+    The row is stored from the tile's own (block_d, chunk) layout: broadcast back over the channels
+    and written through an index array whose rows all point at the same steps. Its addresses run along the steps as the tile's loads do, so Triton keeps the
+    tile's layout for the store. (A plain (1, chunk) row store had Triton convert each of the 32 rows
+    per tile to a one-step-per-lane layout through shared memory with a barrier, BENCHMARKS.md.)
     atomic: added into one (d_state, padded seq) accumulator shared by every channel block, as
     mamba_ssm does, instead of stored as this block's partial sums for XLA to reduce afterwards
     (2.1 GB written and read again at 4 x 4096 x 4096 with 4 channels per block). The float32 sum
@@ -197,11 +200,15 @@ def _store_col(ref, n, start, values, valid, atomic):
     H200 (BENCHMARKS.md, 2026-12-05): 1.6-3.8x slower forward+backward than the partials, for
     2 GiB less temporary memory, hence off by default.
     """
-    window = (pl.ds(n, 1), pl.ds(start, values.shape[1]))
     if atomic:
+        window = (pl.ds(n, 1), pl.ds(tile.start, values.shape[1]))
         pltriton.atomic_add(ref, window, jnp.where(valid, values, 0.0))
-    else:
-        pltriton.store(ref.at[window], values, mask=valid)
+        return
+    # Every row holds the same sums, so every row's lanes may store them: duplicate addresses with
+    # equal values. (Masking all but the first row would also be right on a GPU, but interpret mode
+    # writes masked-off lanes' old values back, and with duplicate addresses those can win.)
+    rows = jnp.broadcast_to(values, tile.step.shape)
+    pltriton.store(ref.at[jnp.int32(n), tile.step + tile.start], rows, mask=tile.valid)
 
 
 def _specs(seq, d_state, block_d, num_chunks, chunk):
