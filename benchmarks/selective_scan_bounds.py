@@ -22,7 +22,8 @@ with the training tiles, and forward+backward. Variants change every kernel at o
                their reductions across channels are dead code
   no_bc_loads  B and C rows -> values made from the step index (no loads)
   no_carry     the state carried between tiles -> zero (no column extraction)
-  state_loop_only  all of the above at once: what is left is the loads, stores and the loop over states
+  state_loop_only  no_exp, no_scan, no_bc_loads and no_carry at once: what is left is the loads of u,
+               delta, z, the stores, the masks and the loop over states
 
 Outputs of the ablations are wrong by construction (bc_f32's and row_store_converted's must equal
 as_is's); each variant's difference from as_is is printed (an ablation whose outputs equal as_is's
@@ -130,8 +131,9 @@ def main():
     batch, seq, width = (int(x) for x in args.shape.split("x"))
     a = inputs(batch, seq, width, jnp.dtype(args.dtype), layout="channels_first")
     exp_floor_ms = batch * seq * width * 16 / EXP_PER_S * 1e3
-    knobs = fused.default_channel_major_tuning(batch, seq, width, 32, jnp.dtype(args.dtype).itemsize)
-    training_tiles = dict(fwd_only_block_d=knobs["fwd_block_d"], fwd_only_chunk=32,
+    tile = fused.CHANNEL_MAJOR_TILE
+    knobs = fused.default_channel_major_tuning(batch, seq, width, tile, jnp.dtype(args.dtype).itemsize)
+    training_tiles = dict(fwd_only_block_d=knobs["fwd_block_d"], fwd_only_chunk=tile,
                           fwd_only_warps=knobs["fwd_warps"])
 
     def calls(tuning):
