@@ -5,8 +5,9 @@
 
 Runs, in order, an undifferentiated call (the forward-only kernel), then its gradient (the training
 forward, then the backward), with the inputs of `benchmarks/selective_scan.py` (mamba_ssm's training
-call: delta_bias + softplus, D, z gate, d_state 16). Everything is compiled before the first launch,
-so the profiled launches are the three kernels and nothing else of the scan. `--tuning` passes
+call: delta_bias + softplus, D, z gate, d_state 16). Both programs are compiled before either runs;
+XLA's small kernels around the scan (pads, the dB/dC reductions) launch too, so filter by kernel
+name as above. `--tuning` passes
 kernel knobs as in `selective_scan(tuning=...)`, e.g. `--tuning=fwd_block_d=4,fwd_warps=1`.
 """
 

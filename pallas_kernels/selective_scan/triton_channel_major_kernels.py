@@ -189,9 +189,10 @@ def _store_col(ref, n, tile, values, valid, atomic):
     """State n's (1, chunk) dB or dC sums over this program's channels, at the tile's steps.
 
     The row is stored from the tile's own (block_d, chunk) layout: broadcast back over the channels
-    and written through an index array whose rows all point at the same steps. Its addresses run along the steps as the tile's loads do, so Triton keeps the
-    tile's layout for the store. (A plain (1, chunk) row store had Triton convert each of the 32 rows
-    per tile to a one-step-per-lane layout through shared memory with a barrier, BENCHMARKS.md.)
+    and written through an index array whose rows all point at the same steps. Its addresses run
+    along the steps as the tile's loads do, so Triton keeps the tile's layout for the store. (A plain
+    (1, chunk) row store had Triton convert each of the 32 rows per tile to a one-step-per-lane
+    layout through shared memory with a barrier; BENCHMARKS.md, 2026-12-06.)
     atomic: added into one (d_state, padded seq) accumulator shared by every channel block, as
     mamba_ssm does, instead of stored as this block's partial sums for XLA to reduce afterwards
     (2.1 GB written and read again at 4 x 4096 x 4096 with 4 channels per block). The float32 sum
