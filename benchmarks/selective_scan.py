@@ -53,8 +53,9 @@ def inputs(batch, seq, width, dtype, d_state=16, layout="channels_last"):
 
 def scan_fn(impl: str, layout: str = "channels_last"):
     """pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the step-by-step Triton kernel),
-    cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS[:ATOMIC]]] (the channel-major kernel; ATOMIC 1:
-    dB, dC summed over blocks with atomic adds, 0: as per-block partials), or an ops
+    cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS[:ATOMIC[:FOUR_ROWS]]]] (the channel-major kernel;
+    ATOMIC 1: dB, dC summed over blocks with atomic adds, 0: as per-block partials; FOUR_ROWS 0: their
+    sums over a block's channels state by state by Triton's butterfly, not 4 states at once), or an ops
     implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
     optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8."""
     impl, _, splits = impl.partition("/")
@@ -65,7 +66,8 @@ def scan_fn(impl: str, layout: str = "channels_last"):
         from pallas_kernels.selective_scan import selective_scan as fused
 
         if name == "cm":
-            keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps", "bwd_atomic_cols")
+            keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps", "bwd_atomic_cols",
+                    "bwd_four_row_sums")
             tuning = dict(zip(keys, (int(k) for k in knobs)))
             chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
             return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major",

@@ -18,6 +18,8 @@ with the training tiles, and forward+backward. Variants change every kernel at o
   row_store_converted  the backward's dB, dC rows stored as (1, chunk) rows, which Triton converts
                to another layout through shared memory first (the kernel before 2026-12-06; not an
                ablation)
+  butterfly_sums  the backward's dB, dC summed over channels state by state by Triton's butterfly
+               even where the default takes four states at a time (`channel_sums`; not an ablation)
   no_col_sums  the backward's dB, dC (per step, summed over the block's channels) never stored, so
                their reductions across channels are dead code
   no_bc_loads  B and C rows -> values made from the step index (no loads)
@@ -25,8 +27,8 @@ with the training tiles, and forward+backward. Variants change every kernel at o
   state_loop_only  no_exp, no_scan, no_bc_loads and no_carry at once: what is left is the loads of u,
                delta, z, the stores, the masks and the loop over states
 
-Outputs of the ablations are wrong by construction (bc_f32's and row_store_converted's must equal
-as_is's); each variant's difference from as_is is printed (an ablation whose outputs equal as_is's
+Outputs of the ablations are wrong by construction (bc_f32's, row_store_converted's and
+butterfly_sums' must equal as_is's); each variant's difference from as_is is printed (an ablation whose outputs equal as_is's
 did not take).
 Times are medians of --iters calls (benchmarks/timing.py), all in one process, on one GPU.
 """
@@ -96,8 +98,9 @@ PATCHES = {
     "no_exp": [("jnp", _Numpy(lambda x: 1.0 + x))],
     "no_scan": [("linear_recurrence", lambda a, b, axis, reverse=False: a * b)],
     "no_reverse": [("linear_recurrence", lambda a, b, axis, reverse=False: linear_recurrence(a, b, axis))],
-    "row_store_converted": [("_store_col", _row_store_converted)],
-    "no_col_sums": [("_store_col", lambda *args: None)],
+    "row_store_converted": [("_store_col", _row_store_converted), ("channel_sums.applies", lambda *args: False)],
+    "butterfly_sums": [("channel_sums.applies", lambda *args: False)],
+    "no_col_sums": [("_store_col", lambda *args: None), ("_four_rows", lambda *args: None)],
     "no_bc_loads": [("_Tile.broadcast", _no_bc_loads)],
     "no_carry": [("_Tile.column", _no_carry)],
 }
@@ -115,7 +118,8 @@ def _relative_difference(x, y):
 def patched(variant):
     with contextlib.ExitStack() as stack:
         for target, value in PATCHES[variant]:
-            owner, attr = (tcm._Tile, target.split(".")[1]) if target.startswith("_Tile.") else (tcm, target)
+            owner, _, attr = target.rpartition(".")
+            owner = getattr(tcm, owner) if owner else tcm  # tcm._Tile, tcm.channel_sums or tcm itself
             stack.enter_context(mock.patch.object(owner, attr, value))
         yield
 
@@ -160,7 +164,8 @@ def main():
         out = [compiled[0](a), compiled[2](a)]  # y, and all gradients
         reference = out if reference is None else reference
         err = max(_relative_difference(x, y) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
-        # bc_f32, row_store_converted must agree with as_is; an ablation must differ, or its patch did not take.
+        # bc_f32, row_store_converted, butterfly_sums must agree with as_is; an ablation must differ, or its
+        # patch did not take.
         print(f"<!-- {variant}: max relative difference from as_is over y and all gradients {err:.2e} -->")
         print(f"| {variant} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} | {times[2] - times[1]:.2f} |",
               flush=True)

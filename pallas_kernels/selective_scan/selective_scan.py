@@ -52,6 +52,18 @@ def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
 
 CHANNEL_MAJOR_TILE = 32  # steps per tile of the channel-major kernels (fastest in the H200 sweep)
 _PARTIALS_BUDGET = 6 << 30  # bytes of per-block dB, dC partial sums the channel-major backward may write
+_FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sums`' four-row sums pay
+
+
+def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
+    """1 where the channel-major backward should sum dB, dC over channels 4 states at a time.
+
+    Those sums (`channel_sums`) take fewer instructions and stall less per warp, but ptxas then gives
+    the kernel 255 registers instead of 168: 8 one-warp programs per SM instead of 12. They pay when
+    the grid is small against the GPU and lose when it is many waves deep. Forward+backward on an H100
+    (132 SMs; bf16, BENCHMARKS.md, 2026-12-06): 1 x 16384 x 4096 (1024 programs) 11% faster, 2 x 8192 x
+    4096 (2048) 16% faster, 4 x 4096 x 4096 (4096) 2% slower, 8 x 4096 x 3072 (6144) 10% slower."""
+    return int(batch * -(-width // block_d) <= _FOUR_ROW_SUMS_MAX_PROGRAMS)
 
 
 def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, itemsize: int = 2) -> dict[str, int]:
@@ -80,7 +92,8 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     only_block, only_chunk = (8, 64) if itemsize >= 4 else (4, 128)
     only_chunk = min(only_chunk, _next_power_of_2(seq))
     return dict(fwd_block_d=fwd_block, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps,
-                bwd_atomic_cols=0, fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
+                bwd_atomic_cols=0, bwd_four_row_sums=default_four_row_sums(batch, width, bwd_block),
+                fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
                 fwd_only_warps=max(1, only_block * only_chunk // 256))
 
 
@@ -136,7 +149,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       forward when it is not differentiated, `default_channel_major_tuning`) and bwd_atomic_cols
       (1: the backward sums dB and dC over channel blocks with float32 atomic adds, as mamba_ssm does,
       in a run-to-run varying order: 2 GiB less memory at 4 x 4096 x 4096 but 1.6-3.8x slower on an
-      H200; 0, the default: per-block partial sums reduced by XLA).
+      H200; 0, the default: per-block partial sums reduced by XLA) and bwd_four_row_sums (1: the
+      per-block dB, dC sums over channels taken 4 states at a time by warp shuffles where the tile is
+      4 channels x 32 steps on one warp, `channel_sums`; 0: state by state, Triton's butterfly; the
+      default by grid size, `default_four_row_sums`).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
@@ -179,8 +195,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         knobs = dict(fwd_block_d=block_d, bwd_block_d=block_d)
         if backend == "triton_channel_major":
             warps = max(1, block_d * chunk // 256)
-            knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0, fwd_only_block_d=block_d,
-                         fwd_only_chunk=chunk, fwd_only_warps=warps)
+            knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0,
+                         bwd_four_row_sums=default_four_row_sums(batch, width, block_d),
+                         fwd_only_block_d=block_d, fwd_only_chunk=chunk, fwd_only_warps=warps)
         else:
             knobs.update(default_tuning(batch, width, block_d))
     knobs.update(tuning or {})
@@ -261,4 +278,5 @@ class _Options(dict):
         options = self._for("bwd")
         if self["backend"] == "triton_channel_major":
             options["atomic_cols"] = bool(self["bwd_atomic_cols"])
+            options["four_row_sums"] = bool(self["bwd_four_row_sums"])
         return options

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.selective_scan import channel_sums
 from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence
 
 F32 = jnp.float32
@@ -116,7 +117,8 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_
 
 
 def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_ref, chunk_states_ref,
-                     dy_ref, dfinal_ref, *out_refs, seq, chunk, softplus, has_z, atomic_cols):
+                     dy_ref, dfinal_ref, *out_refs, seq, chunk, softplus, has_z, atomic_cols, four_rows,
+                     interpret):
     if atomic_cols:  # the zero accumulators come in as inputs aliased to the dB, dC outputs
         out_refs = out_refs[2:]
     du_ref, ddelta_ref, dz_ref, dbt_ref, dct_ref, da_ref, dd_ref, dbias_ref, dh0_ref = out_refs
@@ -124,6 +126,8 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
     a = [_load(a_ref.at[:, pl.ds(n, 1)]) for n in range(d_state)]
     d_skip, bias = _load(d_ref), _load(bias_ref)
     num_tiles = chunk_states_ref.shape[0]
+    # dB, dC of 4 states at a time summed over the channels by `channel_sums`' shuffles, else one by one.
+    channel = channel_sums.channel_index(chunk) if four_rows else None
 
     def tile_body(i, carry):
         # dh_in[n]: d loss / d h at this tile's last step from later steps; da[n]: dA columns so far.
@@ -146,6 +150,7 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
         du = dy_gate * d_skip
         d_dt = jnp.zeros_like(u)
         dh_out, da_out = [], []
+        pending_db, pending_dc = [], []  # earlier states' products or pair sums, waiting (four_rows)
         for n in range(d_state):
             decay = jnp.exp2(dt * (a[n] * LOG2E))
             b_row, c_row = tile.broadcast(bt_ref, n), tile.broadcast(ct_ref, n)
@@ -163,8 +168,13 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
             dh_b = dh * b_row
             d_dt = d_dt + d_decayed * a[n] + dh_b * u
             du = du + dh_b * dt
-            _store_col(dbt_ref, n, tile, jnp.sum(dh * dtu, axis=0, keepdims=True), valid_steps, atomic_cols)
-            _store_col(dct_ref, n, tile, jnp.sum(states * dy_gate, axis=0, keepdims=True), valid_steps, atomic_cols)
+            if four_rows:
+                _four_rows(dbt_ref, n, tile, pending_db, dh * dtu, channel, interpret)
+                _four_rows(dct_ref, n, tile, pending_dc, states * dy_gate, channel, interpret)
+            else:
+                _store_col(dbt_ref, n, tile, jnp.sum(dh * dtu, axis=0, keepdims=True), valid_steps, atomic_cols)
+                _store_col(dct_ref, n, tile, jnp.sum(states * dy_gate, axis=0, keepdims=True), valid_steps,
+                           atomic_cols)
             dh_out.append(tile.column(dh * decay, 0))  # into the previous tile's last state
         if has_z:  # y = y_pre * silu(z)
             tile.store_rows(dz_ref, dy * y_pre * sig * (1.0 + z * (1.0 - sig)))
@@ -183,6 +193,18 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
         pltriton.store(da_ref.at[:, pl.ds(n, 1)], da[n])
     pltriton.store(dd_ref, dd_acc)
     pltriton.store(dbias_ref, dbias_acc)
+
+
+def _four_rows(ref, n, tile, pending, products, channel, interpret):
+    """Take state n's (4, chunk) dB or dC products; after every fourth state, store rows n-3..n of ref
+    (d_state, seq), each summed over the 4 channels (`channel_sums`). pending: what waits meanwhile."""
+    if n % 2:  # halve as soon as a pair is in: fewer values stay live
+        products = channel_sums.pair_sums(pending.pop(), products, channel, interpret=interpret)
+    pending.append(products)
+    if n % 4 == 3:
+        sums = channel_sums.quad_sums(*pending, channel, interpret=interpret)
+        pending.clear()
+        pltriton.store(ref.at[pl.ds(n - 3, 4), pl.ds(tile.start, tile.chunk)], sums, mask=tile.valid)
 
 
 def _store_col(ref, n, tile, values, valid, atomic):
@@ -265,21 +287,25 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
     return edge(y), chunk_states, jnp.swapaxes(final, 1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "atomic_cols"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "atomic_cols", "four_row_sums"))
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
-             num_warps, interpret, channels_first=False, atomic_cols=False):
+             num_warps, interpret, channels_first=False, atomic_cols=False, four_row_sums=True):
     """Gradients in the layouts of `layouts.backward_out_shapes` (per-block partials reduced by the caller);
     channels_first: u, delta, z, dy, du, ddelta, dz are (batch, d, seq).
     atomic_cols: dB and dC summed over channel blocks in the kernel (`_store_col`); their partials then
-    have one block."""
+    have one block.
+    four_row_sums: dB and dC summed over the block's channels 4 states at a time by `channel_sums`'
+    shuffles where it applies (4 channels x 32 steps on one warp, no atomics), else state by state by
+    Triton's butterfly."""
+    d_state = at.shape[0]
+    four_rows = four_row_sums and not atomic_cols and channel_sums.applies(block_d, chunk, num_warps, d_state)
     edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
     batch, width, seq = u.shape if channels_first else _swap(u).shape
-    d_state = at.shape[0]
     blocks = width // block_d
     num_chunks = chunk_states.shape[1]
     s = _specs(seq, d_state, block_d, num_chunks, chunk)
     kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
-                               atomic_cols=atomic_cols)
+                               atomic_cols=atomic_cols, four_rows=four_rows, interpret=interpret)
     row = lambda x: jax.ShapeDtypeStruct((batch, width, seq), x.dtype)  # noqa: E731
     state = jax.ShapeDtypeStruct((batch, width, d_state), F32)
     vec = jax.ShapeDtypeStruct((batch, width, 1), F32)

@@ -215,6 +215,9 @@ def test_channel_major_backward_widens_its_block_to_keep_partials_in_budget():
     module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")  # not the function
     small = module.default_channel_major_tuning(4, 4096, 4096, 32)
     assert (small["fwd_block_d"], small["bwd_block_d"], small["bwd_warps"]) == (16, 4, 1)
+    # Four-row dB/dC sums only for small grids (4096 backward programs here; 1024 at 1 x 16384 x 4096).
+    assert small["bwd_four_row_sums"] == 0
+    assert module.default_channel_major_tuning(1, 16384, 4096, 32)["bwd_four_row_sums"] == 1
     for batch, seq, width in [(8, 4096, 4608), (16, 4096, 4608), (1, 262144, 4608)]:
         t = module.default_channel_major_tuning(batch, seq, width, 32)
         partials = 2 * batch * (width // t["bwd_block_d"]) * 16 * seq * 4
@@ -222,3 +225,32 @@ def test_channel_major_backward_widens_its_block_to_keep_partials_in_budget():
         assert partials <= module._PARTIALS_BUDGET or t["bwd_block_d"] == 64
         assert t["bwd_block_d"] == 4 or narrower > module._PARTIALS_BUDGET  # the narrowest that fits
         assert 1 <= t["bwd_warps"] <= 4
+
+
+@pytest.mark.parametrize("seq,width,dtype", [(45, 22, jnp.float32), (97, 8, jnp.float32), (64, 12, jnp.bfloat16)])
+def test_backward_default_tiles_sum_db_dc_four_states_at_a_time(seq, width, dtype, monkeypatch):
+    """The default backward tile (4 channels x 32 steps, one warp) sums dB, dC over channels 4 states
+    at a time (`channel_sums`): ragged last tiles and padded channels agree with the state-by-state
+    butterfly (and, in float32, with the reference); breaking the four-row sums is caught."""
+    module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
+    knobs = module.default_channel_major_tuning(2, seq, width, 32, jnp.dtype(dtype).itemsize)
+    assert (knobs["bwd_block_d"], knobs["bwd_warps"], knobs["bwd_four_row_sums"]) == (4, 1, 1)
+    args = make_inputs(2, seq, width, 16, seed=5, dtype=dtype)
+    options = dict(delta_softplus=True, backend="triton_channel_major")  # default chunk_size 64 -> tiles of 32
+    _, four_rows = values_and_grads(fused, args, options)
+    _, butterfly = values_and_grads(fused, args, dict(options, tuning=dict(bwd_four_row_sums=0)))
+    for name in args:
+        assert_close(four_rows[name], butterfly[name], 1e-6 if dtype == jnp.float32 else 1e-2, name)
+    if dtype == jnp.float32:
+        _, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True,
+                                                                       implementation="reference"))
+        for name in args:
+            assert_close(four_rows[name], grads_ref[name], 2e-5, name)
+    from pallas_kernels.selective_scan import channel_sums
+
+    monkeypatch.setattr(channel_sums, "quad_sums", lambda p0, p1, channel, interpret: p0)  # half the sum
+    jax.clear_caches()
+    _, broken = values_and_grads(fused, args, options)
+    jax.clear_caches()
+    with pytest.raises(AssertionError):
+        assert_close(broken["B"], butterfly["B"], 1e-2, "B")
