@@ -28,8 +28,8 @@ with the training tiles, and forward+backward. Variants change every kernel at o
                delta, z, the stores, the masks and the loop over states
 
 Outputs of the ablations are wrong by construction (bc_f32's, row_store_converted's and
-butterfly_sums' must equal as_is's); each variant's difference from as_is is printed (an ablation whose outputs equal as_is's
-did not take).
+butterfly_sums' must equal as_is's, the last up to float32 summation order); each variant's
+difference from as_is is printed (an ablation whose outputs equal as_is's did not take).
 Times are medians of --iters calls (benchmarks/timing.py), all in one process, on one GPU.
 """
 
