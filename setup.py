@@ -35,5 +35,7 @@ setup(
         "tpu": ["jax[tpu]==0.11.2"],
         # Logit-parity tests against transformers (tests/test_hf_convert.py skip without them).
         "interop": ["torch>=2.4", "transformers>=4.46"],
+        # Upstream Triton's compiler and ptxas for benchmarks/kernel_sass_counts.py (no GPU needed).
+        "sass": ["triton==3.5.1"],
     },
 )

@@ -53,9 +53,11 @@ def inputs(batch, seq, width, dtype, d_state=16, layout="channels_last"):
 
 def scan_fn(impl: str, layout: str = "channels_last"):
     """pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the step-by-step Triton kernel),
-    cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS[:ATOMIC[:FOUR_ROWS]]]] (the channel-major kernel;
-    ATOMIC 1: dB, dC summed over blocks with atomic adds, 0: as per-block partials; FOUR_ROWS 0: their
-    sums over a block's channels state by state by Triton's butterfly, not 4 states at once), or an ops
+    cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS[:ATOMIC[:FOUR_ROWS[:WARP_SCANS]]]]] (the
+    channel-major kernel; ATOMIC 1: dB, dC summed over blocks with atomic adds, 0: as per-block partials;
+    FOUR_ROWS 0: their sums over a block's channels state by state by Triton's butterfly, not 4 states at
+    once; WARP_SCANS 1: the backward's reverse scans by `warp_scans`' shuffles, 0: by Triton's tt.scan,
+    the default), or an ops
     implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
     optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8."""
     impl, _, splits = impl.partition("/")
@@ -67,7 +69,7 @@ def scan_fn(impl: str, layout: str = "channels_last"):
 
         if name == "cm":
             keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps", "bwd_atomic_cols",
-                    "bwd_four_row_sums")
+                    "bwd_four_row_sums", "bwd_warp_scans")
             tuning = dict(zip(keys, (int(k) for k in knobs)))
             chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
             return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major",

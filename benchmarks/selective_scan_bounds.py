@@ -15,6 +15,8 @@ with the training tiles, and forward+backward. Variants change every kernel at o
   no_scan      the tile's linear recurrence -> a * b (no scan, no shuffles)
   no_reverse   the backward's reverse-time scans run forward in time instead (Triton lowers a reverse
                scan with its inputs and outputs flipped across lanes; this leaves the flips out)
+  warp_scans   the backward's reverse scans by `warp_scans`' inline-PTX shuffles (bwd_warp_scans=1)
+               where the tile allows (a candidate, not an ablation)
   row_store_converted  the backward's dB, dC rows stored as (1, chunk) rows, which Triton converts
                to another layout through shared memory first (the kernel before 2026-12-06; not an
                ablation)
@@ -27,8 +29,8 @@ with the training tiles, and forward+backward. Variants change every kernel at o
   state_loop_only  no_exp, no_scan, no_bc_loads and no_carry at once: what is left is the loads of u,
                delta, z, the stores, the masks and the loop over states
 
-Outputs of the ablations are wrong by construction (bc_f32's, row_store_converted's and
-butterfly_sums' must equal as_is's, the last up to float32 summation order); each variant's
+Outputs of the ablations are wrong by construction (bc_f32's, row_store_converted's, butterfly_sums'
+and warp_scans' must equal as_is's, the last two up to float32 rounding); each variant's
 difference from as_is is printed (an ablation whose outputs equal as_is's did not take).
 Times are medians of --iters calls (benchmarks/timing.py), all in one process, on one GPU.
 """
@@ -77,6 +79,15 @@ def _float32_columns(kernel):
     return call
 
 
+def _forced(kernel, **options):
+    """kernel with some options overridden, whatever the caller passes."""
+
+    def call(*args, **given):
+        return kernel(*args, **{**given, **options})
+
+    return call
+
+
 def _row_store_converted(ref, n, tile, values, valid, atomic):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
@@ -96,8 +107,11 @@ PATCHES = {
     "as_is": [],
     "bc_f32": [("forward", _float32_columns(tcm.forward)), ("backward", _float32_columns(tcm.backward))],
     "no_exp": [("jnp", _Numpy(lambda x: 1.0 + x))],
-    "no_scan": [("linear_recurrence", lambda a, b, axis, reverse=False: a * b)],
-    "no_reverse": [("linear_recurrence", lambda a, b, axis, reverse=False: linear_recurrence(a, b, axis))],
+    "no_scan": [("linear_recurrence", lambda a, b, axis, reverse=False: a * b),
+                ("warp_scans.reverse_recurrence", lambda a, b, interpret: a * b)],
+    "no_reverse": [("linear_recurrence", lambda a, b, axis, reverse=False: linear_recurrence(a, b, axis)),
+                   ("warp_scans.reverse_recurrence", lambda a, b, interpret: linear_recurrence(a, b, 1))],
+    "warp_scans": [("backward", _forced(tcm.backward, warp_reverse_scans=True))],
     "row_store_converted": [("_store_col", _row_store_converted), ("channel_sums.applies", lambda *args: False)],
     "butterfly_sums": [("channel_sums.applies", lambda *args: False)],
     "no_col_sums": [("_store_col", lambda *args: None), ("_four_rows", lambda *args: None)],
@@ -164,8 +178,8 @@ def main():
         out = [compiled[0](a), compiled[2](a)]  # y, and all gradients
         reference = out if reference is None else reference
         err = max(_relative_difference(x, y) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
-        # bc_f32, row_store_converted, butterfly_sums must agree with as_is; an ablation must differ, or its
-        # patch did not take.
+        # bc_f32, row_store_converted, butterfly_sums, warp_scans must agree with as_is; an ablation must
+        # differ, or its patch did not take.
         print(f"<!-- {variant}: max relative difference from as_is over y and all gradients {err:.2e} -->")
         print(f"| {variant} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} | {times[2] - times[1]:.2f} |",
               flush=True)

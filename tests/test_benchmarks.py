@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--override=d_model=64", "--override=num_repeats=1", "--override=num_heads=2", "--override=num_kv_heads=1",
         "--override=head_dim=32", "--override=mlp_hidden=128", "--override=vocab_size=256", "--override=window=64"]
@@ -86,8 +88,9 @@ def test_train_step_dry_run_names_a_mesh_that_cannot_split_the_model():
 
 
 def test_selective_scan_bounds_variants_take_and_print_their_table():
-    """Each ablation must change the kernels' outputs (or its patch did not reach the trace); the three
-    variants that are not ablations must not (butterfly_sums only by its float32 summation order)."""
+    """Each ablation must change the kernels' outputs (or its patch did not reach the trace); the four
+    variants that are not ablations must not (butterfly_sums and warp_scans only by float32
+    rounding)."""
     out = run("selective_scan_bounds.py", "--shape=1x40x24", "--dtype=bfloat16", "--iters=1")
     differences = {}
     for line in out.splitlines():
@@ -95,10 +98,11 @@ def test_selective_scan_bounds_variants_take_and_print_their_table():
             name, _, rest = line[5:].partition(":")
             differences[name] = float(rest.split()[-2])
     assert set(differences) == {"as_is", "bc_f32", "no_exp", "no_scan", "no_reverse", "row_store_converted",
-                                "butterfly_sums", "no_col_sums", "no_bc_loads", "no_carry", "state_loop_only"}, out
+                                "butterfly_sums", "warp_scans", "no_col_sums", "no_bc_loads", "no_carry",
+                                "state_loop_only"}, out
     assert differences.pop("as_is") == 0.0
     assert differences.pop("bc_f32") < 1e-6 and differences.pop("row_store_converted") < 1e-6
-    assert differences.pop("butterfly_sums") < 1e-2
+    assert differences.pop("butterfly_sums") < 1e-2 and differences.pop("warp_scans") < 1e-2
     assert all(d > 1e-3 for d in differences.values()), differences
     assert "| no_scan |" in out
 
@@ -106,3 +110,14 @@ def test_selective_scan_bounds_variants_take_and_print_their_table():
 def test_profile_driver_launches_the_scan_kernels():
     out = run("profile_selective_scan.py", "--shape=1x40x24", "--dtype=float32", "--tuning=fwd_block_d=8")
     assert "launched the forward-only kernel, then the training forward and the backward" in out
+
+
+def test_kernel_sass_counts_compiles_the_backward_outside_xla():
+    """Needs upstream Triton (pip install triton), not part of the test install: skipped without it."""
+    pytest.importorskip("triton")
+    out = run("kernel_sass_counts.py", "--variants=base,warp_scans")
+    rows = {line.split("|")[1].strip(): [int(c) for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| base") or line.startswith("| warp_scans")}
+    assert set(rows) == {"base", "warp_scans"}, out
+    shuffles = {name: values[2] for name, values in rows.items()}  # registers, instructions, SHFL, ...
+    assert 0 < shuffles["warp_scans"] < shuffles["base"], out

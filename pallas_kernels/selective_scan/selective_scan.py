@@ -53,6 +53,10 @@ def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
 CHANNEL_MAJOR_TILE = 32  # steps per tile of the channel-major kernels (fastest in the H200 sweep)
 _PARTIALS_BUDGET = 6 << 30  # bytes of per-block dB, dC partial sums the channel-major backward may write
 _FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sums`' four-row sums pay
+# TODO(issue 3): `warp_scans` has not yet run on a GPU (compiled for sm_90 outside XLA it issues 21%
+# fewer instructions at the same 168/255 registers); turn it on by default once its GPU tests pass
+# and the benchmark shows the gain.
+_WARP_SCANS_DEFAULT = 0
 
 
 def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
@@ -93,7 +97,7 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     only_chunk = min(only_chunk, _next_power_of_2(seq))
     return dict(fwd_block_d=fwd_block, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps,
                 bwd_atomic_cols=0, bwd_four_row_sums=default_four_row_sums(batch, width, bwd_block),
-                fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
+                bwd_warp_scans=_WARP_SCANS_DEFAULT, fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
                 fwd_only_warps=max(1, only_block * only_chunk // 256))
 
 
@@ -149,10 +153,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       forward when it is not differentiated, `default_channel_major_tuning`) and bwd_atomic_cols
       (1: the backward sums dB and dC over channel blocks with float32 atomic adds, as mamba_ssm does,
       in a run-to-run varying order: 2 GiB less memory at 4 x 4096 x 4096 but 1.6-3.8x slower on an
-      H200; 0, the default: per-block partial sums reduced by XLA) and bwd_four_row_sums (1: the
+      H200 with fenced adds, relaxed since (`relaxed_atomics`) and not yet re-timed; 0, the default:
+      per-block partial sums reduced by XLA) and bwd_four_row_sums (1: the
       per-block dB, dC sums over channels taken 4 states at a time by warp shuffles where the tile is
       4 channels x 32 steps on one warp, `channel_sums`; 0: state by state, Triton's butterfly; the
-      default by grid size, `default_four_row_sums`).
+      default by grid size, `default_four_row_sums`) and bwd_warp_scans (1: the backward's reverse
+      scans by inline-PTX warp shuffles where the tile is 4 channels x 32 steps on one warp,
+      `warp_scans`, tested in interpret mode but not yet run on a GPU; 0, the default: Triton's
+      reverse tt.scan).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
@@ -197,6 +205,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             warps = max(1, block_d * chunk // 256)
             knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0,
                          bwd_four_row_sums=default_four_row_sums(batch, width, block_d),
+                         bwd_warp_scans=_WARP_SCANS_DEFAULT,
                          fwd_only_block_d=block_d, fwd_only_chunk=chunk, fwd_only_warps=warps)
         else:
             knobs.update(default_tuning(batch, width, block_d))
@@ -279,4 +288,5 @@ class _Options(dict):
         if self["backend"] == "triton_channel_major":
             options["atomic_cols"] = bool(self["bwd_atomic_cols"])
             options["four_row_sums"] = bool(self["bwd_four_row_sums"])
+            options["warp_reverse_scans"] = bool(self["bwd_warp_scans"])
         return options

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.selective_scan import channel_sums
+from pallas_kernels.selective_scan import channel_sums, relaxed_atomics, warp_scans
 from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence
 
 F32 = jnp.float32
@@ -118,7 +118,7 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_
 
 def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_ref, chunk_states_ref,
                      dy_ref, dfinal_ref, *out_refs, seq, chunk, softplus, has_z, atomic_cols, four_rows,
-                     interpret):
+                     warp_scans_on, interpret):
     if atomic_cols:  # the zero accumulators come in as inputs aliased to the dB, dC outputs
         out_refs = out_refs[2:]
     du_ref, ddelta_ref, dz_ref, dbt_ref, dct_ref, da_ref, dd_ref, dbias_ref, dh0_ref = out_refs
@@ -161,7 +161,11 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
             # Adjoint: dh_t = C_t dy_t + exp(Δ_{t+1} A) dh_{t+1}; the last step takes dh_in instead.
             source = dy_gate * c_row
             source = jnp.where(tile.step == chunk - 1, source + dh_in[n], source)
-            dh = linear_recurrence(jnp.exp2(dt_next * (a[n] * LOG2E)), source, axis=1, reverse=True)
+            decay_next = jnp.exp2(dt_next * (a[n] * LOG2E))
+            if warp_scans_on:  # 6 shuffles instead of Triton's 66 (`warp_scans`)
+                dh = warp_scans.reverse_recurrence(decay_next, source, interpret=interpret)
+            else:
+                dh = linear_recurrence(decay_next, source, axis=1, reverse=True)
             # h_t = decay h_{t-1} + drive: decay * h_{t-1} = states - drive; d/dΔ exp(ΔA) = A exp(ΔA).
             d_decayed = dh * (states - drive)  # d loss / d(ΔA)
             da_out.append(da[n] + jnp.sum(d_decayed * dt, axis=1, keepdims=True))
@@ -169,8 +173,8 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
             d_dt = d_dt + d_decayed * a[n] + dh_b * u
             du = du + dh_b * dt
             if four_rows:
-                _four_rows(dbt_ref, n, tile, pending_db, dh * dtu, channel, interpret)
-                _four_rows(dct_ref, n, tile, pending_dc, states * dy_gate, channel, interpret)
+                _four_rows(dbt_ref, n, tile, pending_db, dh * dtu, channel, atomic_cols, interpret)
+                _four_rows(dct_ref, n, tile, pending_dc, states * dy_gate, channel, atomic_cols, interpret)
             else:
                 _store_col(dbt_ref, n, tile, jnp.sum(dh * dtu, axis=0, keepdims=True), valid_steps, atomic_cols)
                 _store_col(dct_ref, n, tile, jnp.sum(states * dy_gate, axis=0, keepdims=True), valid_steps,
@@ -195,16 +199,22 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
     pltriton.store(dbias_ref, dbias_acc)
 
 
-def _four_rows(ref, n, tile, pending, products, channel, interpret):
+def _four_rows(ref, n, tile, pending, products, channel, atomic, interpret):
     """Take state n's (4, chunk) dB or dC products; after every fourth state, store rows n-3..n of ref
-    (d_state, seq), each summed over the 4 channels (`channel_sums`). pending: what waits meanwhile."""
+    (d_state, seq), each summed over the 4 channels (`channel_sums`). pending: what waits meanwhile.
+    atomic: added into the accumulator shared by all channel blocks (see `_store_col`; steps past the
+    end add zeros: Δ and dy are zero there)."""
     if n % 2:  # halve as soon as a pair is in: fewer values stay live
         products = channel_sums.pair_sums(pending.pop(), products, channel, interpret=interpret)
     pending.append(products)
     if n % 4 == 3:
         sums = channel_sums.quad_sums(*pending, channel, interpret=interpret)
         pending.clear()
-        pltriton.store(ref.at[pl.ds(n - 3, 4), pl.ds(tile.start, tile.chunk)], sums, mask=tile.valid)
+        window = (pl.ds(n - 3, 4), pl.ds(tile.start, tile.chunk))
+        if atomic:
+            relaxed_atomics.add_relaxed(ref, window, sums)
+        else:
+            pltriton.store(ref.at[window], sums, mask=tile.valid)
 
 
 def _store_col(ref, n, tile, values, valid, atomic):
@@ -221,11 +231,13 @@ def _store_col(ref, n, tile, values, valid, atomic):
     order then varies from run to run. The accumulator is padded to whole tiles, so no mask is
     needed (interpret mode has no masked atomics); steps past the end add zeros. Measured on an
     H200 (BENCHMARKS.md, 2026-12-05): 1.6-3.8x slower forward+backward than the partials, for
-    2 GiB less temporary memory, hence off by default.
+    2 GiB less temporary memory, hence off by default. Those adds were Pallas' acquire-release ones,
+    a full fence after each (MEMBAR.ALL.GPU in the SASS); they are relaxed now (`relaxed_atomics`,
+    REDG without fences, as mamba_ssm's atomicAdd), which has not yet been timed on a GPU (issue 3).
     """
     if atomic:
         window = (pl.ds(n, 1), pl.ds(tile.start, values.shape[1]))
-        pltriton.atomic_add(ref, window, jnp.where(valid, values, 0.0))
+        relaxed_atomics.add_relaxed(ref, window, jnp.where(valid, values, 0.0))
         return
     # Every row holds the same sums, so every row's lanes may store them: duplicate addresses with
     # equal values. (Masking all but the first row would also be right on a GPU, but interpret mode
@@ -287,25 +299,30 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
     return edge(y), chunk_states, jnp.swapaxes(final, 1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "atomic_cols", "four_row_sums"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "atomic_cols", "four_row_sums", "warp_reverse_scans"))
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
-             num_warps, interpret, channels_first=False, atomic_cols=False, four_row_sums=True):
+             num_warps, interpret, channels_first=False, atomic_cols=False, four_row_sums=True,
+             warp_reverse_scans=False):
     """Gradients in the layouts of `layouts.backward_out_shapes` (per-block partials reduced by the caller);
     channels_first: u, delta, z, dy, du, ddelta, dz are (batch, d, seq).
     atomic_cols: dB and dC summed over channel blocks in the kernel (`_store_col`); their partials then
     have one block.
     four_row_sums: dB and dC summed over the block's channels 4 states at a time by `channel_sums`'
-    shuffles where it applies (4 channels x 32 steps on one warp, no atomics), else state by state by
-    Triton's butterfly."""
+    shuffles where it applies (4 channels x 32 steps on one warp; with atomic_cols too), else state by
+    state by Triton's butterfly.
+    warp_reverse_scans: the adjoint's reverse scans by `warp_scans`' shuffles where it applies (the same
+    tile), else by Triton's reverse tt.scan."""
     d_state = at.shape[0]
-    four_rows = four_row_sums and not atomic_cols and channel_sums.applies(block_d, chunk, num_warps, d_state)
+    four_rows = four_row_sums and channel_sums.applies(block_d, chunk, num_warps, d_state)
+    warp_scans_on = warp_reverse_scans and warp_scans.applies(block_d, chunk, num_warps)
     edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
     batch, width, seq = u.shape if channels_first else _swap(u).shape
     blocks = width // block_d
     num_chunks = chunk_states.shape[1]
     s = _specs(seq, d_state, block_d, num_chunks, chunk)
     kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
-                               atomic_cols=atomic_cols, four_rows=four_rows, interpret=interpret)
+                               atomic_cols=atomic_cols, four_rows=four_rows, warp_scans_on=warp_scans_on,
+                               interpret=interpret)
     row = lambda x: jax.ShapeDtypeStruct((batch, width, seq), x.dtype)  # noqa: E731
     state = jax.ShapeDtypeStruct((batch, width, d_state), F32)
     vec = jax.ShapeDtypeStruct((batch, width, 1), F32)

@@ -254,3 +254,46 @@ def test_backward_default_tiles_sum_db_dc_four_states_at_a_time(seq, width, dtyp
     jax.clear_caches()
     with pytest.raises(AssertionError):
         assert_close(broken["B"], butterfly["B"], 1e-2, "B")
+
+
+@pytest.mark.parametrize("seq,width,dtype", [(45, 22, jnp.float32), (97, 8, jnp.float32), (64, 12, jnp.bfloat16)])
+def test_backward_default_tiles_run_reverse_scans_by_warp_shuffles(seq, width, dtype, monkeypatch):
+    """bwd_warp_scans on the default backward tile runs its reverse (adjoint) scans with `warp_scans`:
+    values and every gradient agree with Triton's reverse tt.scan (and, in float32, with the
+    reference) on ragged last tiles and padded channels; a wrong reverse scan there is caught."""
+    module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
+    knobs = module.default_channel_major_tuning(2, seq, width, 32, jnp.dtype(dtype).itemsize)
+    assert (knobs["bwd_block_d"], knobs["bwd_warps"]) == (4, 1)
+    args = make_inputs(2, seq, width, 16, seed=6, dtype=dtype)
+    options = dict(delta_softplus=True, backend="triton_channel_major", tuning=dict(bwd_warp_scans=1))
+    loss, shuffled = values_and_grads(fused, args, options)
+    loss_tt, tt_scan = values_and_grads(fused, args, dict(options, tuning=dict(bwd_warp_scans=0)))
+    assert_close(loss, loss_tt, 1e-6)
+    for name in args:
+        assert_close(shuffled[name], tt_scan[name], 1e-5 if dtype == jnp.float32 else 1e-2, name)
+    if dtype == jnp.float32:
+        _, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True,
+                                                                       implementation="reference"))
+        for name in args:
+            assert_close(shuffled[name], grads_ref[name], 2e-5, name)
+    from pallas_kernels.selective_scan import warp_scans
+    from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence
+
+    # The forward recurrence in place of the reverse one: every gradient through the adjoint moves.
+    monkeypatch.setattr(warp_scans, "reverse_recurrence", lambda a, b, interpret: linear_recurrence(a, b, axis=1))
+    jax.clear_caches()
+    _, broken = values_and_grads(fused, args, options)
+    jax.clear_caches()
+    with pytest.raises(AssertionError):
+        assert_close(broken["u"], tt_scan["u"], 1e-2, "u")
+
+
+def test_backward_default_tiles_add_four_row_sums_atomically():
+    """bwd_atomic_cols on the default tile: the four-row dB, dC sums are added into one accumulator
+    shared by all channel blocks (a ragged last tile, padded channels) and match the reference."""
+    args = make_inputs(2, 71, 22, 16, seed=7)
+    _, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True, implementation="reference"))
+    loss, grads = values_and_grads(fused, args, dict(delta_softplus=True, backend="triton_channel_major",
+                                                     tuning=dict(bwd_atomic_cols=1, bwd_four_row_sums=1)))
+    for name in args:
+        assert_close(grads[name], grads_ref[name], 2e-5, name)
