@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -57,23 +58,18 @@ def triton_ir(kernel: str, options: dict) -> str:
               S((1, width), jnp.float32))
     shared = dict(chunk=32, softplus=True, has_z=True, interpret=False, channels_first=True)
     if kernel == "backward":
-        args = (*common, S((batch, seq // 32, width, d_state), jnp.float32), row, S((batch, d_state, width), jnp.float32))
+        chunk_states = S((batch, seq // 32, width, d_state), jnp.float32)
+        args = (*common, chunk_states, row, S((batch, d_state, width), jnp.float32))
         fn = lambda *a: kernels.backward(*a, block_d=4, num_warps=1, **shared,  # noqa: E731
                                          **{"four_row_sums": False, **options})
     else:
         args = (*common, S((batch, d_state, width), jnp.float32))
         fn = lambda *a: kernels.forward(*a, block_d=16, num_warps=2, **shared)  # noqa: E731
     gpu = types.SimpleNamespace(compute_capability="9.0")
-    with (unittest_patch(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: gpu),
-          unittest_patch(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", capture)):
+    with (mock.patch.object(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: gpu),
+          mock.patch.object(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", capture)):
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     return captured[-1]
-
-
-def unittest_patch(owner, name, value):
-    from unittest import mock
-
-    return mock.patch.object(owner, name, value)
 
 
 def sass_counts(ir_text: str, num_warps: int) -> tuple[int, collections.Counter]:

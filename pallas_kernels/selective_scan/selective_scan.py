@@ -70,7 +70,8 @@ def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
     return int(batch * -(-width // block_d) <= _FOUR_ROW_SUMS_MAX_PROGRAMS)
 
 
-def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, itemsize: int = 2) -> dict[str, int]:
+def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, itemsize: int = 2,
+                                 atomic_cols: bool = False) -> dict[str, int]:
     """Channels and warps per program of the channel-major kernels, from the H200 sweeps in BENCHMARKS.md.
 
     The fastest bf16 forward tiles hold 8 steps per thread (one 16-byte load): 16 channels x 32
@@ -83,9 +84,12 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     The backward writes dB and dC partial sums per channel block (batch, width / block, d_state,
     seq) float32, so its block widens until those fit in 6 GiB (samba_1b at 8 x 4096: block 4, 4.8 GB;
     measured in its train step, a 2 GiB budget gave block 32 and no gain over the step kernel).
+    atomic_cols (the opt-in atomic backward, `bwd_atomic_cols`): no partials, so block 4 whatever the
+    shape, with four-row sums (there both ways of summing compile to 255 registers, and four-row
+    sums to fewer instructions: BENCHMARKS.md, 2026-12-06, third session; not yet timed).
     """
     bwd_block = 4
-    while bwd_block < 64 and 2 * batch * (width // bwd_block) * 16 * seq * 4 > _PARTIALS_BUDGET:
+    while not atomic_cols and bwd_block < 64 and 2 * batch * (width // bwd_block) * 16 * seq * 4 > _PARTIALS_BUDGET:
         bwd_block *= 2
     # Forward: 8 elements per thread. Backward at 4 x 4096 x 4096 bf16 (H200): block 8 on 1 warp
     # 7.5 ms (2 warps 7.7), block 16 on 4 warps 7.5 ms (2 warps 9.1), so 1 warp up to block 8,
@@ -96,7 +100,8 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     only_block, only_chunk = (8, 64) if itemsize >= 4 else (4, 128)
     only_chunk = min(only_chunk, _next_power_of_2(seq))
     return dict(fwd_block_d=fwd_block, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps,
-                bwd_atomic_cols=0, bwd_four_row_sums=default_four_row_sums(batch, width, bwd_block),
+                bwd_atomic_cols=int(atomic_cols),
+                bwd_four_row_sums=1 if atomic_cols else default_four_row_sums(batch, width, bwd_block),
                 bwd_warp_scans=_WARP_SCANS_DEFAULT, fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
                 fwd_only_warps=max(1, only_block * only_chunk // 256))
 
@@ -196,7 +201,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             raise ValueError(f"chunk_size must be a power of two for the channel-major kernels, got {chunk_size}")
         chunk = min(chunk_size, _next_power_of_2(seq), CHANNEL_MAJOR_TILE)
     if backend == "triton_channel_major" and block_d is None:
-        knobs = default_channel_major_tuning(batch, seq, width, chunk, jnp.dtype(u.dtype).itemsize)
+        atomic = bool((tuning or {}).get("bwd_atomic_cols", 0))  # no partials: the block need not widen
+        knobs = default_channel_major_tuning(batch, seq, width, chunk, jnp.dtype(u.dtype).itemsize, atomic)
     else:
         if block_d is None:
             block_d = 128 if backend == "tpu" else default_block_d(batch, width)

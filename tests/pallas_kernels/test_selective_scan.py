@@ -219,6 +219,9 @@ def test_channel_major_backward_widens_its_block_to_keep_partials_in_budget():
     assert small["bwd_four_row_sums"] == 0
     assert module.default_channel_major_tuning(1, 16384, 4096, 32)["bwd_four_row_sums"] == 1
     for batch, seq, width in [(8, 4096, 4608), (16, 4096, 4608), (1, 262144, 4608)]:
+        atomic = module.default_channel_major_tuning(batch, seq, width, 32, atomic_cols=True)  # no partials
+        assert (atomic["bwd_block_d"], atomic["bwd_warps"], atomic["bwd_atomic_cols"]) == (4, 1, 1)
+        assert atomic["bwd_four_row_sums"] == 1
         t = module.default_channel_major_tuning(batch, seq, width, 32)
         partials = 2 * batch * (width // t["bwd_block_d"]) * 16 * seq * 4
         narrower = 2 * batch * (width // (t["bwd_block_d"] // 2)) * 16 * seq * 4
@@ -297,3 +300,21 @@ def test_backward_default_tiles_add_four_row_sums_atomically():
                                                      tuning=dict(bwd_atomic_cols=1, bwd_four_row_sums=1)))
     for name in args:
         assert_close(grads[name], grads_ref[name], 2e-5, name)
+
+
+def test_atomic_backward_keeps_four_channel_blocks_whatever_the_partials_budget(monkeypatch):
+    """With bwd_atomic_cols there are no per-block partials, so the partials budget must not widen the
+    backward's block (which would also turn the four-row sums off)."""
+    module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
+    monkeypatch.setattr(module, "_PARTIALS_BUDGET", 1)  # any partials are over budget
+    seen = []
+    backward = module.triton_channel_major_kernels.backward
+    monkeypatch.setattr(module.triton_channel_major_kernels, "backward",
+                        lambda *a, **kw: seen.append(kw) or backward(*a, **kw))
+    args = make_inputs(1, 40, 16, 16, seed=8)
+    jax.clear_caches()  # trace anew, so the patched backward sees both calls
+    for tuning in (None, dict(bwd_atomic_cols=1)):
+        values_and_grads(fused, args, dict(delta_softplus=True, backend="triton_channel_major", tuning=tuning))
+    widened, atomic = seen
+    assert (widened["block_d"], widened["atomic_cols"]) == (16, False)
+    assert (atomic["block_d"], atomic["atomic_cols"], atomic["four_row_sums"]) == (4, True, True)
