@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.selective_scan import warp_scans
+
 CHANNELS = 4  # channels of the tile, one lane group of 8 lanes each
 
 # One element: $0 out, $1 x_even, $2 x_odd, $3 the element's channel. The lane whose channel has
@@ -52,7 +54,7 @@ add.f32 $0, keep, got;
 def applies(block_d: int, chunk: int, num_warps: int, d_state: int) -> bool:
     """Whether Triton lays the tile out as the shuffles assume (4 channels x 32 steps on one warp)
     and the states come in fours (the backward sums dB, and dC, of 4 states at a time)."""
-    return block_d == CHANNELS and chunk == 32 and num_warps == 1 and d_state % CHANNELS == 0
+    return warp_scans.applies(block_d, chunk, num_warps) and d_state % CHANNELS == 0
 
 
 def channel_index(chunk: int):

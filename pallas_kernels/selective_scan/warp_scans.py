@@ -62,7 +62,8 @@ mov.f32 $3, h3;
 
 
 def applies(block_d: int, chunk: int, num_warps: int) -> bool:
-    """Whether Triton lays the tile out as the PTX block assumes: 4 channels x 32 steps on one warp."""
+    """Whether Triton lays the tile out as the PTX block assumes: 4 channels x 32 steps on one warp
+    (the layout `channel_sums` assumes too)."""
     return block_d == 4 and chunk == 32 and num_warps == 1
 
 

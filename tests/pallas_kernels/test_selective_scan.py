@@ -230,6 +230,13 @@ def test_channel_major_backward_widens_its_block_to_keep_partials_in_budget():
         assert 1 <= t["bwd_warps"] <= 4
 
 
+def _assert_grads_match_reference(args, grads, rtol=2e-5):
+    """Every gradient of the fused scan (float32 inputs) against the reference implementation's."""
+    _, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True, implementation="reference"))
+    for name in args:
+        assert_close(grads[name], grads_ref[name], rtol, name)
+
+
 @pytest.mark.parametrize("seq,width,dtype", [(45, 22, jnp.float32), (97, 8, jnp.float32), (64, 12, jnp.bfloat16)])
 def test_backward_default_tiles_sum_db_dc_four_states_at_a_time(seq, width, dtype, monkeypatch):
     """The default backward tile (4 channels x 32 steps, one warp) sums dB, dC over channels 4 states
@@ -245,10 +252,7 @@ def test_backward_default_tiles_sum_db_dc_four_states_at_a_time(seq, width, dtyp
     for name in args:
         assert_close(four_rows[name], butterfly[name], 1e-6 if dtype == jnp.float32 else 1e-2, name)
     if dtype == jnp.float32:
-        _, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True,
-                                                                       implementation="reference"))
-        for name in args:
-            assert_close(four_rows[name], grads_ref[name], 2e-5, name)
+        _assert_grads_match_reference(args, four_rows)
     from pallas_kernels.selective_scan import channel_sums
 
     monkeypatch.setattr(channel_sums, "quad_sums", lambda p0, p1, channel, interpret: p0)  # half the sum
@@ -275,10 +279,7 @@ def test_backward_default_tiles_run_reverse_scans_by_warp_shuffles(seq, width, d
     for name in args:
         assert_close(shuffled[name], tt_scan[name], 1e-5 if dtype == jnp.float32 else 1e-2, name)
     if dtype == jnp.float32:
-        _, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True,
-                                                                       implementation="reference"))
-        for name in args:
-            assert_close(shuffled[name], grads_ref[name], 2e-5, name)
+        _assert_grads_match_reference(args, shuffled)
     from pallas_kernels.selective_scan import warp_scans
     from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence
 
@@ -295,11 +296,9 @@ def test_backward_default_tiles_add_four_row_sums_atomically():
     """bwd_atomic_cols on the default tile: the four-row dB, dC sums are added into one accumulator
     shared by all channel blocks (a ragged last tile, padded channels) and match the reference."""
     args = make_inputs(2, 71, 22, 16, seed=7)
-    _, grads_ref = values_and_grads(ops.selective_scan, args, dict(delta_softplus=True, implementation="reference"))
-    loss, grads = values_and_grads(fused, args, dict(delta_softplus=True, backend="triton_channel_major",
-                                                     tuning=dict(bwd_atomic_cols=1, bwd_four_row_sums=1)))
-    for name in args:
-        assert_close(grads[name], grads_ref[name], 2e-5, name)
+    _, grads = values_and_grads(fused, args, dict(delta_softplus=True, backend="triton_channel_major",
+                                                  tuning=dict(bwd_atomic_cols=1, bwd_four_row_sums=1)))
+    _assert_grads_match_reference(args, grads)
 
 
 def test_atomic_backward_keeps_four_channel_blocks_whatever_the_partials_budget(monkeypatch):
