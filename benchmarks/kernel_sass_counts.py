@@ -2,13 +2,16 @@
 
     pip install -e ".[sass]"   # upstream Triton 3.5.1: its compiler, ptxas and cuobjdump
     python benchmarks/kernel_sass_counts.py --kernel=backward --variants=base,warp_scans,four_rows
+    python benchmarks/kernel_sass_counts.py --kernel=forward
 
 Lowers a kernel through Pallas to Triton IR for CUDA on any machine (the GPU query is stubbed with
 compute capability 9.0), compiles that IR with upstream Triton and ptxas (not XLA's own pipeline,
 so the numbers are indicative; for the backward's two tile variants the registers match what
 Nsight Compute read from XLA's build on an H100, 168 and 255), and prints registers and the number
 of instructions of each kind in the whole kernel. The tile loop holds almost all of them: one pass
-over one tile of 4 channels x 32 steps (d_state 16, bf16 inputs, mamba_ssm's training call).
+over one tile of 4 channels x 32 steps for the backward, 16 x 32 on 2 warps for the training
+forward (d_state 16, bf16 inputs, mamba_ssm's training call). BAR, STS and LDS count the layout
+conversions Triton routes through shared memory.
 """
 
 from __future__ import annotations
@@ -31,13 +34,22 @@ from jax._src.pallas.triton import pallas_call_registration  # noqa: E402
 
 from pallas_kernels.selective_scan import triton_channel_major_kernels as kernels  # noqa: E402
 
-OPCODES = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "SEL", "PRMT", "LDG", "STG", "REDG", "ATOMG", "MEMBAR")
-VARIANTS = {
-    "base": {},
-    "warp_scans": dict(warp_reverse_scans=True),
-    "four_rows": dict(four_row_sums=True),
-    "four_rows+warp_scans": dict(four_row_sums=True, warp_reverse_scans=True),
-    "atomic+four_rows+warp_scans": dict(atomic_cols=True, four_row_sums=True, warp_reverse_scans=True),
+OPCODES = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "SEL", "PRMT", "SHF", "LDG", "STG", "REDG", "ATOMG",
+           "MEMBAR", "BAR", "STS", "LDS")
+VARIANTS = {  # per kernel: name -> options of `kernels.backward` or `kernels.forward`
+    "backward": {
+        "base": {},
+        "warp_scans": dict(warp_reverse_scans=True),
+        "four_rows": dict(four_row_sums=True),
+        "four_rows+warp_scans": dict(four_row_sums=True, warp_reverse_scans=True),
+        "atomic+four_rows+warp_scans": dict(atomic_cols=True, four_row_sums=True, warp_reverse_scans=True),
+    },
+    "forward": {
+        "base": {},
+        "states_tile": dict(states_tile=True),
+        "f32_cols": dict(f32_cols=True),
+        "states_tile+f32_cols": dict(states_tile=True, f32_cols=True),
+    },
 }
 
 
@@ -64,7 +76,7 @@ def triton_ir(kernel: str, options: dict) -> str:
                                          **{"four_row_sums": False, **options})
     else:
         args = (*common, S((batch, d_state, width), jnp.float32))
-        fn = lambda *a: kernels.forward(*a, block_d=16, num_warps=2, **shared)  # noqa: E731
+        fn = lambda *a: kernels.forward(*a, block_d=16, num_warps=2, **shared, **options)  # noqa: E731
     gpu = types.SimpleNamespace(compute_capability="9.0")
     with (mock.patch.object(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: gpu),
           mock.patch.object(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", capture)):
@@ -98,14 +110,19 @@ def sass_counts(ir_text: str, num_warps: int) -> tuple[int, collections.Counter]
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", default="backward", choices=("backward", "forward"))
-    p.add_argument("--variants", default=",".join(VARIANTS), help="backward options, by name: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default=None, help="options by name (default: all of the kernel's): backward "
+                   + ", ".join(VARIANTS["backward"]) + "; forward " + ", ".join(VARIANTS["forward"]))
     args = p.parse_args()
-    names = args.variants.split(",") if args.kernel == "backward" else ["base"]
+    variants = VARIANTS[args.kernel]
+    names = args.variants.split(",") if args.variants else list(variants)
+    unknown = [name for name in names if name not in variants]
+    if unknown:
+        p.error(f"unknown {args.kernel} variants {unknown}; choose from {list(variants)}")
     print(f"upstream Triton for sm_90, {args.kernel} kernel, jax {jax.__version__}\n")
     print("| variant | registers | instructions | " + " | ".join(OPCODES) + " |")
     print("|---|---|---|" + "---|" * len(OPCODES))
     for name in names:
-        registers, counts = sass_counts(triton_ir(args.kernel, VARIANTS[name]), 1 if args.kernel == "backward" else 2)
+        registers, counts = sass_counts(triton_ir(args.kernel, variants[name]), 1 if args.kernel == "backward" else 2)
         print(f"| {name} | {registers} | {sum(counts.values())} | " + " | ".join(str(counts[op]) for op in OPCODES)
               + " |", flush=True)
 

@@ -59,7 +59,14 @@ def scan_fn(impl: str, layout: str = "channels_last"):
     once; WARP_SCANS 1: the backward's reverse scans by `warp_scans`' shuffles, 0: by Triton's tt.scan,
     the default), or an ops
     implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
-    optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8."""
+    optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8.
+    The fused kernel's other tuning knobs follow as +KNOB=VALUE on a cm string or on pallas (the
+    channel-major kernels at their defaults), e.g. pallas+fwd_f32_cols=1+fwd_states_tile=1."""
+    impl, *extra = impl.split("+")
+    extra = {key: int(value) for key, _, value in (knob.partition("=") for knob in extra)}
+    if extra and impl != "pallas" and not impl.startswith("cm"):
+        raise ValueError(f"+KNOB=VALUE applies to cm strings and to pallas, got {impl}")
+    impl = "cm" if extra and impl == "pallas" else impl
     impl, _, splits = impl.partition("/")
     name, *knobs = impl.split(":")
     if name == "cm" or (name == "pallas" and knobs and knobs[0].isdigit()):  # kernel knobs
@@ -70,7 +77,7 @@ def scan_fn(impl: str, layout: str = "channels_last"):
         if name == "cm":
             keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps", "bwd_atomic_cols",
                     "bwd_four_row_sums", "bwd_warp_scans")
-            tuning = dict(zip(keys, (int(k) for k in knobs)))
+            tuning = dict(zip(keys, (int(k) for k in knobs)), **extra)
             chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
             return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major",
                                      layout=layout, **chunk)

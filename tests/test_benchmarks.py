@@ -121,3 +121,25 @@ def test_kernel_sass_counts_compiles_the_backward_outside_xla():
     assert set(rows) == {"base", "warp_scans"}, out
     shuffles = {name: values[2] for name, values in rows.items()}  # registers, instructions, SHFL, ...
     assert 0 < shuffles["warp_scans"] < shuffles["base"], out
+
+
+def test_kernel_sass_counts_sees_the_forward_states_tile_drop_barriers():
+    """Needs upstream Triton, as above. One (block, d_state) store of the entering states per tile
+    replaces d_state column stores, each converted through shared memory between two barriers."""
+    pytest.importorskip("triton")
+    out = run("kernel_sass_counts.py", "--kernel=forward", "--variants=base,states_tile")
+    header = next(line for line in out.splitlines() if line.startswith("| variant"))
+    columns = [c.strip() for c in header.split("|")[1:-1]]
+    rows = {line.split("|")[1].strip(): dict(zip(columns[1:], (int(c) for c in line.split("|")[2:-1])))
+            for line in out.splitlines() if line.startswith(("| base", "| states_tile"))}
+    assert set(rows) == {"base", "states_tile"}, out
+    assert rows["states_tile"]["BAR"] <= rows["base"]["BAR"] - 16, out
+
+
+
+def test_ab_benchmark_times_every_variant_against_the_first():
+    out = run("selective_scan_ab.py", "--mode=fwd+bwd", "--shapes=1x40x24", "--dtype=float32", "--rounds=2",
+              "--calls=1", "--impls=pallas,pallas+fwd_states_tile=1+fwd_f32_cols=1")
+    rows = [line for line in out.splitlines() if line.startswith("| 1x40x24")]
+    assert [row.split("|")[2].strip() for row in rows] == ["pallas", "pallas+fwd_states_tile=1+fwd_f32_cols=1"], out
+    assert rows[0].rstrip().endswith("| 1.000x |"), out

@@ -53,9 +53,10 @@ def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
 CHANNEL_MAJOR_TILE = 32  # steps per tile of the channel-major kernels (fastest in the H200 sweep)
 _PARTIALS_BUDGET = 6 << 30  # bytes of per-block dB, dC partial sums the channel-major backward may write
 _FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sums`' four-row sums pay
-# TODO(issue 3): `warp_scans` has not yet run on a GPU (compiled for sm_90 outside XLA it issues 21%
-# fewer instructions at the same 168/255 registers); turn it on by default once its GPU tests pass
-# and the benchmark shows the gain.
+# `warp_scans` issues 21% fewer backward instructions at the same registers (sm_90, outside XLA), and
+# its own tests pass on an H200, but one H200 run (BENCHMARKS.md, 2026-12-06, fourth session) had
+# forward+backward with it 13-16% slower on the four-row tile. TODO(issue 3): re-time it
+# interleaved against the default before deciding; off until then.
 _WARP_SCANS_DEFAULT = 0
 
 
@@ -86,7 +87,8 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     measured in its train step, a 2 GiB budget gave block 32 and no gain over the step kernel).
     atomic_cols (the opt-in atomic backward, `bwd_atomic_cols`): no partials, so block 4 whatever the
     shape, with four-row sums (there both ways of summing compile to 255 registers, and four-row
-    sums to fewer instructions: BENCHMARKS.md, 2026-12-06, third session; not yet timed).
+    sums to fewer instructions: BENCHMARKS.md, 2026-12-06, third session; timed in the fourth, with
+    warp_scans on, at 0.94-0.95x the partials' forward+backward for a ninth of the temporary memory).
     """
     bwd_block = 4
     while not atomic_cols and bwd_block < 64 and 2 * batch * (width // bwd_block) * 16 * seq * 4 > _PARTIALS_BUDGET:
@@ -102,7 +104,8 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     return dict(fwd_block_d=fwd_block, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps,
                 bwd_atomic_cols=int(atomic_cols),
                 bwd_four_row_sums=1 if atomic_cols else default_four_row_sums(batch, width, bwd_block),
-                bwd_warp_scans=_WARP_SCANS_DEFAULT, fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
+                bwd_warp_scans=_WARP_SCANS_DEFAULT, fwd_states_tile=0, fwd_f32_cols=0,
+                fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
                 fwd_only_warps=max(1, only_block * only_chunk // 256))
 
 
@@ -157,15 +160,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       for the channel-major kernels also fwd_only_block_d, fwd_only_chunk, fwd_only_warps (the
       forward when it is not differentiated, `default_channel_major_tuning`) and bwd_atomic_cols
       (1: the backward sums dB and dC over channel blocks with float32 atomic adds, as mamba_ssm does,
-      in a run-to-run varying order: 2 GiB less memory at 4 x 4096 x 4096 but 1.6-3.8x slower on an
-      H200 with fenced adds, relaxed since (`relaxed_atomics`) and not yet re-timed; 0, the default:
-      per-block partial sums reduced by XLA) and bwd_four_row_sums (1: the
+      in a run-to-run varying order: 2 GiB less memory at 4 x 4096 x 4096; 1.6-3.8x slower on an
+      H200 with fenced adds, within 6% of the default since the adds are relaxed (`relaxed_atomics`;
+      one H200 run, with bwd_warp_scans on); 0, the default: per-block partial sums reduced by XLA)
+      and bwd_four_row_sums (1: the
       per-block dB, dC sums over channels taken 4 states at a time by warp shuffles where the tile is
       4 channels x 32 steps on one warp, `channel_sums`; 0: state by state, Triton's butterfly; the
       default by grid size, `default_four_row_sums`) and bwd_warp_scans (1: the backward's reverse
       scans by inline-PTX warp shuffles where the tile is 4 channels x 32 steps on one warp,
-      `warp_scans`, tested in interpret mode but not yet run on a GPU; 0, the default: Triton's
-      reverse tt.scan).
+      `warp_scans`; slower in its one timed run; 0, the default: Triton's reverse tt.scan),
+      fwd_states_tile (1: the forward stores the states entering each tile as one (block, d_state)
+      tile instead of d_state columns, each moved through shared memory between two barriers) and
+      fwd_f32_cols (1: B, C cast to float32 for the forward, whose tile loop then loads them
+      without unpacking bfloat16); both 0 by default until timed.
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
@@ -211,10 +218,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             warps = max(1, block_d * chunk // 256)
             knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0,
                          bwd_four_row_sums=default_four_row_sums(batch, width, block_d),
-                         bwd_warp_scans=_WARP_SCANS_DEFAULT,
+                         bwd_warp_scans=_WARP_SCANS_DEFAULT, fwd_states_tile=0, fwd_f32_cols=0,
                          fwd_only_block_d=block_d, fwd_only_chunk=chunk, fwd_only_warps=warps)
         else:
             knobs.update(default_tuning(batch, width, block_d))
+    unknown = sorted(set(tuning or {}) - set(knobs))
+    if unknown:
+        raise ValueError(f"tuning has unknown knobs {unknown} for backend {backend!r}; it takes {sorted(knobs)}")
     knobs.update(tuning or {})
     directions = ("fwd", "bwd", "fwd_only") if backend == "triton_channel_major" else ("fwd", "bwd")
     for direction in directions:
@@ -280,7 +290,11 @@ class _Options(dict):
         return dict(shared, num_warps=self[f"{prefix}_warps"], block_d=self[f"{prefix}_block_d"])
 
     def forward(self) -> dict:
-        return self._for("fwd")
+        options = self._for("fwd")
+        if self["backend"] == "triton_channel_major":
+            options["states_tile"] = bool(self["fwd_states_tile"])
+            options["f32_cols"] = bool(self["fwd_f32_cols"])
+        return options
 
     def forward_only(self) -> dict:
         """The forward's options when no backward follows (channel-major: its own tiles)."""

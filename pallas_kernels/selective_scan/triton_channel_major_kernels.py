@@ -84,10 +84,11 @@ class _Tile:
 
 
 def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_ref, h0_ref,
-                    y_ref, chunk_states_ref, final_ref, *, seq, chunk, softplus, has_z):
+                    y_ref, chunk_states_ref, final_ref, *, seq, chunk, softplus, has_z, states_tile):
     block_d, d_state = a_ref.shape
     a2 = [_load(a_ref.at[:, pl.ds(n, 1)]) * LOG2E for n in range(d_state)]  # (block_d, 1) each
     d_skip, bias = _load(d_ref), _load(bias_ref)
+    state_index = lax.broadcasted_iota(jnp.int32, (block_d, d_state), 1)
 
     def tile_body(c, h):
         tile = _Tile(c * chunk, chunk, block_d, seq)
@@ -95,9 +96,15 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_
         _, dt = tile.delta(delta_ref, bias, softplus)
         dtu = dt * u
         y = d_skip * u
+        if states_tile:  # the states entering tile c as one (block_d, d_state) store
+            entering = jnp.zeros((block_d, d_state), F32)
+            for n in range(d_state):
+                entering = jnp.where(state_index == n, h[n], entering)
+            pltriton.store(chunk_states_ref.at[c], entering)
         carried = []
         for n in range(d_state):
-            pltriton.store(chunk_states_ref.at[c, :, pl.ds(n, 1)], h[n])  # the state entering tile c
+            if not states_tile:
+                pltriton.store(chunk_states_ref.at[c, :, pl.ds(n, 1)], h[n])  # the state entering tile c
             decay = jnp.exp2(dt * a2[n])
             drive = dtu * tile.broadcast(bt_ref, n)
             drive = jnp.where(tile.step == 0, drive + decay * h[n], drive)  # the carried state enters step 0
@@ -233,7 +240,9 @@ def _store_col(ref, n, tile, values, valid, atomic):
     H200 (BENCHMARKS.md, 2026-12-05): 1.6-3.8x slower forward+backward than the partials, for
     2 GiB less temporary memory, hence off by default. Those adds were Pallas' acquire-release ones,
     a full fence after each (MEMBAR.ALL.GPU in the SASS); they are relaxed now (`relaxed_atomics`,
-    REDG without fences, as mamba_ssm's atomicAdd), which has not yet been timed on a GPU (issue 3).
+    REDG without fences, as mamba_ssm's atomicAdd): in one H200 run (2026-12-06, fourth session; with
+    warp_scans and four-row sums on) 0.94-0.95x the partials' forward+backward, for a ninth of the
+    temporary memory.
     """
     if atomic:
         window = (pl.ds(n, 1), pl.ds(tile.start, values.shape[1]))
@@ -271,18 +280,26 @@ def _swap(x):
 _STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret", "channels_first")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "states_tile", "f32_cols"))
 def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, interpret,
-            channels_first=False):
+            channels_first=False, states_tile=False, f32_cols=False):
     """Contract of `triton_calls.forward_call`: y (batch, seq, d), the states entering each chunk
     (batch, num_chunks, d, d_state; only `backward` reads them), and the final state (batch, d_state, d).
-    channels_first: u, delta, z and y are (batch, d, seq) instead (no transposes)."""
+    channels_first: u, delta, z and y are (batch, d, seq) instead (no transposes).
+    states_tile: the kernel stores the states entering each tile as one (block_d, d_state) tile rather
+    than d_state (block_d, 1) columns, each of which Triton moves to the store's layout through shared
+    memory between two barriers.
+    f32_cols: B and C are cast to float32 before the kernel, so its tile loop loads them without
+    unpacking bfloat16 (1.5 instructions an element in Triton's conversion)."""
+    if f32_cols:
+        bt, ct = bt.astype(F32), ct.astype(F32)
     edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
     batch, width, seq = u.shape if channels_first else _swap(u).shape
     d_state = at.shape[0]
     num_chunks = pl.cdiv(seq, chunk)
     s = _specs(seq, d_state, block_d, num_chunks, chunk)
-    kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z)
+    kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
+                               states_tile=states_tile)
     y, chunk_states, final = pl.pallas_call(
         kernel,
         grid=(batch, width // block_d),

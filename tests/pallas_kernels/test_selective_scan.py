@@ -131,15 +131,20 @@ def test_unknown_layout_is_named():
         fused(**make_inputs(1, 8, 16, 16), layout="batch_major")
 
 
-@pytest.mark.parametrize("dtype,seq", [(jnp.float32, 300), (jnp.bfloat16, 300), (jnp.float32, 5)])
-def test_forward_only_tiles_match_reference(dtype, seq):
+@pytest.mark.parametrize("dtype,seq,forward_knobs", [
+    (jnp.float32, 300, {}), (jnp.bfloat16, 300, {}), (jnp.float32, 5, {}),
+    (jnp.bfloat16, 300, dict(fwd_states_tile=1, fwd_f32_cols=1)),
+    (jnp.bfloat16, 300, dict(fwd_states_tile=0, fwd_f32_cols=0))])
+def test_forward_only_tiles_match_reference(dtype, seq, forward_knobs):
     """Undifferentiated calls scan 64- or 128-step tiles (not the backward's 32): ragged ends and a
-    sequence shorter than one tile."""
+    sequence shorter than one tile; either way of storing the tiles' entering states, B and C as given
+    or cast to float32."""
     args = make_inputs(2, seq, 24, 16, dtype=dtype)
     module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
     knobs = module.default_channel_major_tuning(2, seq, 24, 32, jnp.dtype(dtype).itemsize)
     assert knobs["fwd_only_chunk"] == min(64 if dtype == jnp.float32 else 128, module._next_power_of_2(seq))
-    y, final = fused(**args, delta_softplus=True, return_final_state=True, backend="triton_channel_major")
+    y, final = fused(**args, delta_softplus=True, return_final_state=True, backend="triton_channel_major",
+                     tuning=forward_knobs)
     f32 = {k: v.astype(jnp.float32) for k, v in args.items()}
     want, want_final = ops.selective_scan(**f32, delta_softplus=True, return_final_state=True,
                                           implementation="reference")
@@ -151,6 +156,12 @@ def test_forward_only_tiles_match_reference(dtype, seq):
 def test_forward_only_tuning_is_validated():
     with pytest.raises(ValueError, match="fwd_only_chunk"):
         fused(**make_inputs(1, 8, 16, 16), backend="triton_channel_major", tuning=dict(fwd_only_chunk=48))
+
+
+@pytest.mark.parametrize("backend", ["triton_channel_major", "triton"])
+def test_a_misspelt_tuning_knob_is_named_not_ignored(backend):
+    with pytest.raises(ValueError, match="fwd_state_tile.*fwd_block_d"):
+        fused(**make_inputs(1, 8, 16, 16), backend=backend, tuning=dict(fwd_state_tile=1))
 
 
 def test_dispatcher_routes_pallas_to_the_fused_kernel():
@@ -198,6 +209,8 @@ def test_no_state_sized_tensor_in_forward_or_backward():
                                             ("triton_channel_major", dict(bwd_atomic_cols=1)),
                                             ("triton_channel_major", dict(bwd_atomic_cols=1, bwd_block_d=2)),
                                             ("triton_channel_major", dict(bwd_atomic_cols=0, bwd_block_d=8)),
+                                            ("triton_channel_major", dict(fwd_states_tile=1, fwd_f32_cols=1)),
+                                            ("triton_channel_major", dict(fwd_states_tile=0, fwd_f32_cols=0)),
                                             ("triton", dict(fwd_prefetch=0, bwd_prefetch=0)),
                                             ("triton", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
 def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
