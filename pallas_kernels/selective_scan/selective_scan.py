@@ -58,6 +58,10 @@ _FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sum
 # forward+backward with it 13-16% slower on the four-row tile. TODO(issue 3): re-time it
 # interleaved against the default before deciding; off until then.
 _WARP_SCANS_DEFAULT = 0
+# The forward's store of entering states as one tile and its float32 B, C (`selective_scan`'s tuning
+# docs): fewer barriers and instructions in the SASS, not yet timed. TODO(issue 3): time them with
+# benchmarks/selective_scan_ab.py (the command ends BENCHMARKS.md's 2026-12-06 fourth-session section).
+_FORWARD_DEFAULTS = dict(fwd_states_tile=0, fwd_f32_cols=0)
 
 
 def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
@@ -104,9 +108,8 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     return dict(fwd_block_d=fwd_block, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps,
                 bwd_atomic_cols=int(atomic_cols),
                 bwd_four_row_sums=1 if atomic_cols else default_four_row_sums(batch, width, bwd_block),
-                bwd_warp_scans=_WARP_SCANS_DEFAULT, fwd_states_tile=0, fwd_f32_cols=0,
-                fwd_only_block_d=only_block, fwd_only_chunk=only_chunk,
-                fwd_only_warps=max(1, only_block * only_chunk // 256))
+                bwd_warp_scans=_WARP_SCANS_DEFAULT, **_FORWARD_DEFAULTS, fwd_only_block_d=only_block,
+                fwd_only_chunk=only_chunk, fwd_only_warps=max(1, only_block * only_chunk // 256))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
@@ -218,7 +221,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             warps = max(1, block_d * chunk // 256)
             knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0,
                          bwd_four_row_sums=default_four_row_sums(batch, width, block_d),
-                         bwd_warp_scans=_WARP_SCANS_DEFAULT, fwd_states_tile=0, fwd_f32_cols=0,
+                         bwd_warp_scans=_WARP_SCANS_DEFAULT, **_FORWARD_DEFAULTS,
                          fwd_only_block_d=block_d, fwd_only_chunk=chunk, fwd_only_warps=warps)
         else:
             knobs.update(default_tuning(batch, width, block_d))
