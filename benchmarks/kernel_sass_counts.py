@@ -47,8 +47,6 @@ VARIANTS = {  # per kernel: name -> options of `kernels.backward` or `kernels.fo
     "forward": {
         "base": {},
         "states_tile": dict(states_tile=True),
-        "f32_cols": dict(f32_cols=True),
-        "states_tile+f32_cols": dict(states_tile=True, f32_cols=True),
     },
 }
 

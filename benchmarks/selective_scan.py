@@ -61,7 +61,7 @@ def scan_fn(impl: str, layout: str = "channels_last"):
     implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
     optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8.
     The fused kernel's other tuning knobs follow as +KNOB=VALUE on a cm string or on pallas (the
-    channel-major kernels at their defaults), e.g. pallas+fwd_f32_cols=1+fwd_states_tile=1."""
+    channel-major kernels at their defaults), e.g. pallas+fwd_states_tile=1+bwd_four_row_sums=0."""
     impl, *extra = impl.split("+")
     extra = {key: int(value) for key, _, value in (knob.partition("=") for knob in extra)}
     if extra and impl != "pallas" and not impl.startswith("cm"):

@@ -1,7 +1,7 @@
 """Interleaved A/B timing of selective-scan variants: ratios to the first, in one process.
 
     python benchmarks/selective_scan_ab.py --mode=fwd --shapes=4x4096x4096,1x16384x4096 \
-      --impls=pallas+fwd_states_tile=0,pallas+fwd_states_tile=1,pallas+fwd_f32_cols=1+fwd_states_tile=1
+      --impls=pallas+fwd_states_tile=0,pallas+fwd_states_tile=1
     python benchmarks/selective_scan_ab.py --mode=fwd+bwd --shapes=4x4096x4096 \
       --impls=cm:16:4:32:2:1:0:1:0,cm:16:4:32:2:1:0:1:1,cm:16:4:32:2:1:1:1:0
 

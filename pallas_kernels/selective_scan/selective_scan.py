@@ -58,10 +58,10 @@ _FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sum
 # forward+backward with it 13-16% slower on the four-row tile. TODO(issue 3): re-time it
 # interleaved against the default before deciding; off until then.
 _WARP_SCANS_DEFAULT = 0
-# The forward's store of entering states as one tile and its float32 B, C (`selective_scan`'s tuning
-# docs): fewer barriers and instructions in the SASS, not yet timed. TODO(issue 3): time them with
-# benchmarks/selective_scan_ab.py (the command ends BENCHMARKS.md's 2026-12-06 fourth-session section).
-_FORWARD_DEFAULTS = dict(fwd_states_tile=0, fwd_f32_cols=0)
+# The forward's store of entering states as one tile (`selective_scan`'s tuning docs): half the
+# barriers in the SASS, not yet timed. TODO(issue 3): time it with benchmarks/selective_scan_ab.py
+# (the command ends BENCHMARKS.md's 2026-12-06 fourth-session section).
+_FORWARD_DEFAULTS = dict(fwd_states_tile=0)
 
 
 def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
@@ -172,10 +172,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       default by grid size, `default_four_row_sums`) and bwd_warp_scans (1: the backward's reverse
       scans by inline-PTX warp shuffles where the tile is 4 channels x 32 steps on one warp,
       `warp_scans`; slower in its one timed run; 0, the default: Triton's reverse tt.scan),
-      fwd_states_tile (1: the forward stores the states entering each tile as one (block, d_state)
-      tile instead of d_state columns, each moved through shared memory between two barriers) and
-      fwd_f32_cols (1: B, C cast to float32 for the forward, whose tile loop then loads them
-      without unpacking bfloat16); both 0 by default until timed.
+      and fwd_states_tile (1: the forward stores the states entering each tile as one
+      (block, d_state) tile instead of d_state columns, each moved through shared memory between
+      two barriers; 0, the default until timed).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
@@ -296,7 +295,6 @@ class _Options(dict):
         options = self._for("fwd")
         if self["backend"] == "triton_channel_major":
             options["states_tile"] = bool(self["fwd_states_tile"])
-            options["f32_cols"] = bool(self["fwd_f32_cols"])
         return options
 
     def forward_only(self) -> dict:

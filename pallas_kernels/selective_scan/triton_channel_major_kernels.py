@@ -280,19 +280,15 @@ def _swap(x):
 _STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret", "channels_first")
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "states_tile", "f32_cols"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "states_tile"))
 def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, interpret,
-            channels_first=False, states_tile=False, f32_cols=False):
+            channels_first=False, states_tile=False):
     """Contract of `triton_calls.forward_call`: y (batch, seq, d), the states entering each chunk
     (batch, num_chunks, d, d_state; only `backward` reads them), and the final state (batch, d_state, d).
     channels_first: u, delta, z and y are (batch, d, seq) instead (no transposes).
     states_tile: the kernel stores the states entering each tile as one (block_d, d_state) tile rather
     than d_state (block_d, 1) columns, each of which Triton moves to the store's layout through shared
-    memory between two barriers.
-    f32_cols: B and C are cast to float32 before the kernel, so its tile loop loads them without
-    unpacking bfloat16 (1.5 instructions an element in Triton's conversion)."""
-    if f32_cols:
-        bt, ct = bt.astype(F32), ct.astype(F32)
+    memory between two barriers."""
     edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
     batch, width, seq = u.shape if channels_first else _swap(u).shape
     d_state = at.shape[0]

@@ -18,6 +18,8 @@ its 4 steps (pack=4):
 6 shuffles in all, no flips. The PTX block assumes that layout: `applies` names where it is known to
 hold, the GPU tests check the kernel's gradients there, and elsewhere (and in interpret mode) the
 callers use `linear_recurrence(reverse=True)`.
+Fewer instructions did not make it faster: in its one timed run (H200, BENCHMARKS.md, 2026-12-06,
+fourth session) forward+backward was 13-16% slower with it, so callers leave it off by default.
 """
 
 from __future__ import annotations

@@ -133,12 +133,10 @@ def test_unknown_layout_is_named():
 
 @pytest.mark.parametrize("dtype,seq,forward_knobs", [
     (jnp.float32, 300, {}), (jnp.bfloat16, 300, {}), (jnp.float32, 5, {}),
-    (jnp.bfloat16, 300, dict(fwd_states_tile=1, fwd_f32_cols=1)),
-    (jnp.bfloat16, 300, dict(fwd_states_tile=0, fwd_f32_cols=0))])
+    (jnp.bfloat16, 300, dict(fwd_states_tile=1)), (jnp.bfloat16, 300, dict(fwd_states_tile=0))])
 def test_forward_only_tiles_match_reference(dtype, seq, forward_knobs):
     """Undifferentiated calls scan 64- or 128-step tiles (not the backward's 32): ragged ends and a
-    sequence shorter than one tile; either way of storing the tiles' entering states, B and C as given
-    or cast to float32."""
+    sequence shorter than one tile; either way of storing the tiles' entering states."""
     args = make_inputs(2, seq, 24, 16, dtype=dtype)
     module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
     knobs = module.default_channel_major_tuning(2, seq, 24, 32, jnp.dtype(dtype).itemsize)
@@ -209,8 +207,8 @@ def test_no_state_sized_tensor_in_forward_or_backward():
                                             ("triton_channel_major", dict(bwd_atomic_cols=1)),
                                             ("triton_channel_major", dict(bwd_atomic_cols=1, bwd_block_d=2)),
                                             ("triton_channel_major", dict(bwd_atomic_cols=0, bwd_block_d=8)),
-                                            ("triton_channel_major", dict(fwd_states_tile=1, fwd_f32_cols=1)),
-                                            ("triton_channel_major", dict(fwd_states_tile=0, fwd_f32_cols=0)),
+                                            ("triton_channel_major", dict(fwd_states_tile=1)),
+                                            ("triton_channel_major", dict(fwd_states_tile=0)),
                                             ("triton", dict(fwd_prefetch=0, bwd_prefetch=0)),
                                             ("triton", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
 def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
