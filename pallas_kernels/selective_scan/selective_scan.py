@@ -60,7 +60,7 @@ _FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sum
 _WARP_SCANS_DEFAULT = 0
 # The forward's store of entering states as one tile (`selective_scan`'s tuning docs): half the
 # barriers in the SASS, not yet timed. TODO(issue 3): time it with benchmarks/selective_scan_ab.py
-# (the command ends BENCHMARKS.md's 2026-12-06 fourth-session section).
+# (the commands end BENCHMARKS.md's 2026-12-07 section, "where issue 3's targets stand").
 _FORWARD_DEFAULTS = dict(fwd_states_tile=0)
 
 
@@ -164,8 +164,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       forward when it is not differentiated, `default_channel_major_tuning`) and bwd_atomic_cols
       (1: the backward sums dB and dC over channel blocks with float32 atomic adds, as mamba_ssm does,
       in a run-to-run varying order: 2 GiB less memory at 4 x 4096 x 4096; 1.6-3.8x slower on an
-      H200 with fenced adds, within 6% of the default since the adds are relaxed (`relaxed_atomics`;
-      one H200 run, with bwd_warp_scans on); 0, the default: per-block partial sums reduced by XLA)
+      H200 with fenced adds, within 6% of the partial sums (four-row) since the adds are relaxed
+      (`relaxed_atomics`; one H200 run, with bwd_warp_scans on); 0, the default: per-block partial sums reduced by XLA)
       and bwd_four_row_sums (1: the
       per-block dB, dC sums over channels taken 4 states at a time by warp shuffles where the tile is
       4 channels x 32 steps on one warp, `channel_sums`; 0: state by state, Triton's butterfly; the
