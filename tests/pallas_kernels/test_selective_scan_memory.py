@@ -5,6 +5,7 @@ every array an equation outputs, outside the Pallas kernels' own bodies."""
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.extend import core as jax_core
 
 from pallas_kernels.selective_scan import selective_scan as fused
 from samba_jax import ops
@@ -22,7 +23,7 @@ def intermediate_sizes(jaxpr) -> list[int]:
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else (param,):
                 sub = getattr(sub, "jaxpr", sub)
-                if isinstance(sub, jax.extend.core.Jaxpr):
+                if isinstance(sub, jax_core.Jaxpr):
                     sizes += intermediate_sizes(sub)
     return sizes
 
