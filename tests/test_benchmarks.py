@@ -136,7 +136,6 @@ def test_kernel_sass_counts_sees_the_forward_states_tile_drop_barriers():
     assert rows["states_tile"]["BAR"] <= rows["base"]["BAR"] - 16, out
 
 
-
 def test_ab_benchmark_times_every_variant_against_the_first():
     out = run("selective_scan_ab.py", "--mode=fwd+bwd", "--shapes=1x40x24", "--dtype=float32", "--rounds=2",
               "--calls=1", "--impls=pallas,pallas+fwd_states_tile=1+bwd_four_row_sums=0")

@@ -165,11 +165,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       (1: the backward sums dB and dC over channel blocks with float32 atomic adds, as mamba_ssm does,
       in a run-to-run varying order: 2 GiB less memory at 4 x 4096 x 4096; 1.6-3.8x slower on an
       H200 with fenced adds, within 6% of the partial sums (four-row) since the adds are relaxed
-      (`relaxed_atomics`; one H200 run, with bwd_warp_scans on); 0, the default: per-block partial sums reduced by XLA)
-      and bwd_four_row_sums (1: the
-      per-block dB, dC sums over channels taken 4 states at a time by warp shuffles where the tile is
-      4 channels x 32 steps on one warp, `channel_sums`; 0: state by state, Triton's butterfly; the
-      default by grid size, `default_four_row_sums`) and bwd_warp_scans (1: the backward's reverse
+      (`relaxed_atomics`; one H200 run, with bwd_warp_scans on); 0, the default: per-block partial
+      sums reduced by XLA) and bwd_four_row_sums (1: the per-block dB, dC sums over channels taken
+      4 states at a time by warp shuffles where the tile is 4 channels x 32 steps on one warp,
+      `channel_sums`; 0: state by state, Triton's butterfly; the default by grid size,
+      `default_four_row_sums`) and bwd_warp_scans (1: the backward's reverse
       scans by inline-PTX warp shuffles where the tile is 4 channels x 32 steps on one warp,
       `warp_scans`; slower in its one timed run; 0, the default: Triton's reverse tt.scan),
       and fwd_states_tile (1: the forward stores the states entering each tile as one
