@@ -17,9 +17,10 @@ with the training tiles, and forward+backward. Variants change every kernel at o
                scan with its inputs and outputs flipped across lanes; this leaves the flips out)
   warp_scans   the backward's reverse scans by `warp_scans`' inline-PTX shuffles (bwd_warp_scans=1)
                where the tile allows (a candidate, not an ablation)
-  row_store_converted  the backward's dB, dC rows stored as (1, chunk) rows, which Triton converts
-               to another layout through shared memory first (the kernel before 2026-12-06; not an
-               ablation)
+  row_store_converted  the backward's dB, dC partial-sum rows stored as (1, chunk) rows, which Triton
+               converts to another layout through shared memory first (the kernel before 2026-12-06;
+               not an ablation; with the atomic default, tuning bwd_atomic_cols=1, the same as
+               butterfly_sums)
   butterfly_sums  the backward's dB, dC summed over channels state by state by Triton's butterfly
                even where the default takes four states at a time (`channel_sums`; not an ablation)
   no_col_sums  the backward's dB, dC (per step, summed over the block's channels) never stored, so
@@ -92,7 +93,12 @@ def _row_store_converted(ref, n, tile, values, valid, atomic):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
+    if atomic:  # the atomic adds (the default since 2026-12-07) take (1, chunk) rows already
+        return _STORE_COL(ref, n, tile, values, valid, atomic)
     pltriton.store(ref.at[pl.ds(n, 1), pl.ds(tile.start, values.shape[1])], values, mask=valid)
+
+
+_STORE_COL = tcm._store_col
 
 
 def _no_bc_loads(self, ref, n):

@@ -14,6 +14,7 @@ with backend="tpu", e.g. in interpret mode on CPU).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -53,15 +54,29 @@ def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
 CHANNEL_MAJOR_TILE = 32  # steps per tile of the channel-major kernels (fastest in the H200 sweep)
 _PARTIALS_BUDGET = 6 << 30  # bytes of per-block dB, dC partial sums the channel-major backward may write
 _FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sums`' four-row sums pay
-# `warp_scans` issues 21% fewer backward instructions at the same registers (sm_90, outside XLA), and
-# its own tests pass on an H200, but one H200 run (BENCHMARKS.md, 2026-12-06, fourth session) had
-# forward+backward with it 13-16% slower on the four-row tile. TODO(issue 3): re-time it
-# interleaved against the default before deciding; off until then.
+# `warp_scans` issues 21% fewer backward instructions at the same registers (sm_90, outside XLA), but
+# forward+backward with it is 0.88-1.01x the default's speed (same A/B; 0.84-0.87x in an earlier one):
+# off.
 _WARP_SCANS_DEFAULT = 0
-# The forward's store of entering states as one tile (`selective_scan`'s tuning docs): half the
-# barriers in the SASS, not yet timed. TODO(issue 3): time it with benchmarks/selective_scan_ab.py
-# (the commands end BENCHMARKS.md's 2026-12-07 section, "where issue 3's targets stand").
+# The forward's store of entering states as one tile (`fwd_states_tile`): half the barriers in the
+# SASS, but 0.57-0.79x the default's forward speed and 0.91-0.99x its forward+backward (same A/B): off.
 _FORWARD_DEFAULTS = dict(fwd_states_tile=0)
+
+
+def default_atomic_cols() -> int:
+    """1: the channel-major backward adds its dB, dC sums over channel blocks into one accumulator with
+    relaxed float32 atomics, as mamba_ssm does, rather than writing per-block partial sums for XLA to
+    reduce. The sum order, hence the last bits of dB and dC, then varies from run to run. Interleaved
+    A/B on an H100 (BENCHMARKS.md, 2026-12-07): forward+backward 1.07x (4 x 4096 x 4096), 1.09x
+    (1 x 16384 x 4096), 1.01x (8 x 4096 x 3072) the partials' speed in bf16, 1.05x in float32, at a
+    ninth of the temporary memory (samba_1b's 8 x 4096 train step fits an 80 GiB H100 only this way).
+    0 where XLA_FLAGS asks for deterministic GPU ops (--xla_gpu_deterministic_ops, JAX's switch for
+    run-to-run identical results): then the partials, whose sums XLA reduces in a fixed order."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = flag.partition("=")
+        if name == "--xla_gpu_deterministic_ops" and value.lower() in ("", "true", "1"):
+            return 0
+    return 1
 
 
 def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
@@ -76,7 +91,7 @@ def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
 
 
 def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, itemsize: int = 2,
-                                 atomic_cols: bool = False) -> dict[str, int]:
+                                 atomic_cols: bool | None = None) -> dict[str, int]:
     """Channels and warps per program of the channel-major kernels, from the H200 sweeps in BENCHMARKS.md.
 
     The fastest bf16 forward tiles hold 8 steps per thread (one 16-byte load): 16 channels x 32
@@ -86,14 +101,17 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     Forward-only calls (prefill, evaluation: no backward reads their saved states, so their tiles
     need not be the backward's 32 steps) scan longer tiles: 4 channels x 128 steps (bf16) or
     8 x 64 (float32) on 2 warps, 1.3-2.5x faster than the training forward (same sweeps).
-    The backward writes dB and dC partial sums per channel block (batch, width / block, d_state,
-    seq) float32, so its block widens until those fit in 6 GiB (samba_1b at 8 x 4096: block 4, 4.8 GB;
-    measured in its train step, a 2 GiB budget gave block 32 and no gain over the step kernel).
-    atomic_cols (the opt-in atomic backward, `bwd_atomic_cols`): no partials, so block 4 whatever the
-    shape, with four-row sums (there both ways of summing compile to 255 registers, and four-row
-    sums to fewer instructions: BENCHMARKS.md, 2026-12-06, third session; timed in the fourth, with
-    warp_scans on, at 0.94-0.95x the partials' forward+backward for a ninth of the temporary memory).
+    atomic_cols (`bwd_atomic_cols`; None: `default_atomic_cols`, 1 unless XLA is asked for
+    deterministic ops): the backward adds its dB, dC sums into one
+    accumulator, so its block stays at 4 channels on one warp whatever the shape, with four-row sums
+    (there both ways of summing compile to 255 registers, and four-row sums to fewer instructions:
+    BENCHMARKS.md, 2026-12-06, third session). Without it (deterministic) the backward writes dB and dC
+    partial sums per channel block (batch, width / block, d_state, seq) float32, so its block widens
+    until those fit in 6 GiB (samba_1b at 8 x 4096: block 4, 4.8 GB; measured in its train step, a
+    2 GiB budget gave block 32 and no gain over the step kernel), and four-row sums only on small grids.
     """
+    if atomic_cols is None:
+        atomic_cols = bool(default_atomic_cols())
     bwd_block = 4
     while not atomic_cols and bwd_block < 64 and 2 * batch * (width // bwd_block) * 16 * seq * 4 > _PARTIALS_BUDGET:
         bwd_block *= 2
@@ -162,19 +180,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       per program), and for "triton" fwd_prefetch, bwd_prefetch (steps loaded ahead, `default_tuning`);
       for the channel-major kernels also fwd_only_block_d, fwd_only_chunk, fwd_only_warps (the
       forward when it is not differentiated, `default_channel_major_tuning`) and bwd_atomic_cols
-      (1: the backward sums dB and dC over channel blocks with float32 atomic adds, as mamba_ssm does,
-      in a run-to-run varying order: 2 GiB less memory at 4 x 4096 x 4096; 1.6-3.8x slower on an
-      H200 with fenced adds, within 6% of the partial sums (four-row) since the adds are relaxed
-      (`relaxed_atomics`; one H200 run, with bwd_warp_scans on); 0, the default: per-block partial
-      sums reduced by XLA) and bwd_four_row_sums (1: the per-block dB, dC sums over channels taken
+      (1: the backward sums dB and dC over channel blocks with relaxed float32 atomic adds, as
+      mamba_ssm does, in a run-to-run varying order: 1.01-1.09x the speed of the partial sums and a
+      ninth of their temporary memory; 0: per-block partial sums reduced by XLA, run-to-run identical;
+      the default is 1 unless XLA_FLAGS has --xla_gpu_deterministic_ops, `default_atomic_cols`) and
+      bwd_four_row_sums (1: the per-block dB, dC sums over channels taken
       4 states at a time by warp shuffles where the tile is 4 channels x 32 steps on one warp,
       `channel_sums`; 0: state by state, Triton's butterfly; the default by grid size,
       `default_four_row_sums`) and bwd_warp_scans (1: the backward's reverse
       scans by inline-PTX warp shuffles where the tile is 4 channels x 32 steps on one warp,
-      `warp_scans`; slower in its one timed run; 0, the default: Triton's reverse tt.scan),
-      and fwd_states_tile (1: the forward stores the states entering each tile as one
-      (block, d_state) tile instead of d_state columns, each moved through shared memory between
-      two barriers; 0, the default until timed).
+      `warp_scans`; 0.84-1.01x the default's speed in two timed runs; 0, the default: Triton's
+      reverse tt.scan), and fwd_states_tile (1: the forward stores the states entering each tile as
+      one (block, d_state) tile instead of d_state columns, each moved through shared memory between
+      two barriers; 0.57-0.79x the default's forward speed; 0, the default).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
@@ -210,7 +228,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             raise ValueError(f"chunk_size must be a power of two for the channel-major kernels, got {chunk_size}")
         chunk = min(chunk_size, _next_power_of_2(seq), CHANNEL_MAJOR_TILE)
     if backend == "triton_channel_major" and block_d is None:
-        atomic = bool((tuning or {}).get("bwd_atomic_cols", 0))  # no partials: the block need not widen
+        atomic = bool((tuning or {}).get("bwd_atomic_cols", default_atomic_cols()))  # no partials: no widening
         knobs = default_channel_major_tuning(batch, seq, width, chunk, jnp.dtype(u.dtype).itemsize, atomic)
     else:
         if block_d is None:
@@ -218,7 +236,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         knobs = dict(fwd_block_d=block_d, bwd_block_d=block_d)
         if backend == "triton_channel_major":
             warps = max(1, block_d * chunk // 256)
-            knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=0,
+            knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=default_atomic_cols(),
                          bwd_four_row_sums=default_four_row_sums(batch, width, block_d),
                          bwd_warp_scans=_WARP_SCANS_DEFAULT, **_FORWARD_DEFAULTS,
                          fwd_only_block_d=block_d, fwd_only_chunk=chunk, fwd_only_warps=warps)

@@ -232,17 +232,15 @@ def _store_col(ref, n, tile, values, valid, atomic):
     along the steps as the tile's loads do, so Triton keeps the tile's layout for the store. (A plain
     (1, chunk) row store had Triton convert each of the 32 rows per tile to a one-step-per-lane
     layout through shared memory with a barrier; BENCHMARKS.md, 2026-12-06.)
-    atomic: added into one (d_state, padded seq) accumulator shared by every channel block, as
-    mamba_ssm does, instead of stored as this block's partial sums for XLA to reduce afterwards
-    (2.1 GB written and read again at 4 x 4096 x 4096 with 4 channels per block). The float32 sum
-    order then varies from run to run. The accumulator is padded to whole tiles, so no mask is
-    needed (interpret mode has no masked atomics); steps past the end add zeros. Measured on an
-    H200 (BENCHMARKS.md, 2026-12-05): 1.6-3.8x slower forward+backward than the partials, for
-    2 GiB less temporary memory, hence off by default. Those adds were Pallas' acquire-release ones,
-    a full fence after each (MEMBAR.ALL.GPU in the SASS); they are relaxed now (`relaxed_atomics`,
-    REDG without fences, as mamba_ssm's atomicAdd): in one H200 run (2026-12-06, fourth session; with
-    warp_scans and four-row sums on) 0.94-0.95x the partials' forward+backward, for a ninth of the
-    temporary memory.
+    atomic (the default): added into one (d_state, padded seq) accumulator shared by every channel
+    block, as mamba_ssm does, instead of stored as this block's partial sums for XLA to reduce
+    afterwards (2.1 GB written and read again at 4 x 4096 x 4096 with 4 channels per block). The
+    float32 sum order then varies from run to run. The accumulator is padded to whole tiles, so no
+    mask is needed (interpret mode has no masked atomics); steps past the end add zeros. With
+    Pallas' acquire-release adds (a full fence after each, MEMBAR.ALL.GPU in the SASS) this was
+    1.6-3.8x slower than the partials on an H200 (BENCHMARKS.md, 2026-12-05); the adds are relaxed
+    now (`relaxed_atomics`, REDG without fences, as mamba_ssm's atomicAdd), and forward+backward is
+    1.01-1.09x the partials' speed on an H100 (interleaved A/B, 2026-12-07).
     """
     if atomic:
         window = (pl.ds(n, 1), pl.ds(tile.start, values.shape[1]))

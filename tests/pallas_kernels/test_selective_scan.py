@@ -215,13 +215,14 @@ def gradient_sizes(scan, seq, **options):
     return intermediate_sizes(jax.make_jaxpr(jax.grad(lambda a: scalar_loss(scan, a, options)))(args).jaxpr)
 
 
-@pytest.mark.parametrize("tuning", [None, dict(bwd_atomic_cols=1)], ids=["partials", "atomic"])
-def test_no_state_sized_tensor_in_forward_or_backward_and_memory_linear_in_seq(tuning):
+@pytest.mark.parametrize("atomic", [1, 0], ids=["atomic", "partials"])
+def test_no_state_sized_tensor_in_forward_or_backward_and_memory_linear_in_seq(atomic):
+    tuning = dict(bwd_atomic_cols=atomic)
     small, large = (gradient_sizes(fused, seq, delta_softplus=True, tuning=tuning) for seq in (512, 1024))
     states = 2 * 1024 * 64 * 16  # (batch, seq, d_inner, d_state) at the larger seq
-    # Largest by default: the backward's dB, dC partial sums (batch, d_inner / 4, d_state, seq), a quarter of
-    # that; with atomic adds, the per-step inputs and outputs (batch, seq, d_inner).
-    assert max(large) <= (states // 4 if tuning is None else states // 16), max(large)
+    # Largest with atomic adds (the default): the per-step inputs and outputs (batch, seq, d_inner), a
+    # sixteenth of that; with partial sums, the backward's dB, dC partials (batch, d_inner / 4, d_state, seq).
+    assert max(large) <= (states // 16 if atomic else states // 4), max(large)
     assert 1.9 <= sum(large) / sum(small) <= 2.1, (sum(small), sum(large))
 
 
@@ -237,6 +238,8 @@ def test_the_memory_measure_catches_a_scan_that_holds_every_state():
                                             ("triton_channel_major", dict(bwd_atomic_cols=1)),
                                             ("triton_channel_major", dict(bwd_atomic_cols=1, bwd_block_d=2)),
                                             ("triton_channel_major", dict(bwd_atomic_cols=0, bwd_block_d=8)),
+                                            ("triton_channel_major", dict(bwd_atomic_cols=0)),  # four-row sums
+                                            ("triton_channel_major", dict(bwd_atomic_cols=0, bwd_four_row_sums=0)),
                                             ("triton_channel_major", dict(fwd_states_tile=1)),
                                             ("triton_channel_major", dict(fwd_states_tile=0)),
                                             ("triton", dict(fwd_prefetch=0, bwd_prefetch=0)),
@@ -252,18 +255,21 @@ def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
         assert_close(grads[name], grads_ref[name], 2e-5, name)
 
 
-def test_channel_major_backward_widens_its_block_to_keep_partials_in_budget():
+def test_channel_major_backward_widens_its_block_to_keep_partials_in_budget(monkeypatch):
     module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")  # not the function
-    small = module.default_channel_major_tuning(4, 4096, 4096, 32)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    # The partials' layout (bwd_atomic_cols=0); the default adds dB, dC atomically instead.
+    assert module.default_channel_major_tuning(4, 4096, 4096, 32)["bwd_atomic_cols"] == 1
+    small = module.default_channel_major_tuning(4, 4096, 4096, 32, atomic_cols=False)
     assert (small["fwd_block_d"], small["bwd_block_d"], small["bwd_warps"]) == (16, 4, 1)
     # Four-row dB/dC sums only for small grids (4096 backward programs here; 1024 at 1 x 16384 x 4096).
     assert small["bwd_four_row_sums"] == 0
-    assert module.default_channel_major_tuning(1, 16384, 4096, 32)["bwd_four_row_sums"] == 1
+    assert module.default_channel_major_tuning(1, 16384, 4096, 32, atomic_cols=False)["bwd_four_row_sums"] == 1
     for batch, seq, width in [(8, 4096, 4608), (16, 4096, 4608), (1, 262144, 4608)]:
-        atomic = module.default_channel_major_tuning(batch, seq, width, 32, atomic_cols=True)  # no partials
+        atomic = module.default_channel_major_tuning(batch, seq, width, 32)  # the default: no partials
         assert (atomic["bwd_block_d"], atomic["bwd_warps"], atomic["bwd_atomic_cols"]) == (4, 1, 1)
         assert atomic["bwd_four_row_sums"] == 1
-        t = module.default_channel_major_tuning(batch, seq, width, 32)
+        t = module.default_channel_major_tuning(batch, seq, width, 32, atomic_cols=False)
         partials = 2 * batch * (width // t["bwd_block_d"]) * 16 * seq * 4
         narrower = 2 * batch * (width // (t["bwd_block_d"] // 2)) * 16 * seq * 4
         assert partials <= module._PARTIALS_BUDGET or t["bwd_block_d"] == 64
@@ -343,8 +349,8 @@ def test_backward_default_tiles_add_four_row_sums_atomically():
 
 
 def test_atomic_backward_keeps_four_channel_blocks_whatever_the_partials_budget(monkeypatch):
-    """With bwd_atomic_cols there are no per-block partials, so the partials budget must not widen the
-    backward's block (which would also turn the four-row sums off)."""
+    """With bwd_atomic_cols (the default) there are no per-block partials, so the partials budget must not
+    widen the backward's block (which would also turn the four-row sums off)."""
     module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
     monkeypatch.setattr(module, "_PARTIALS_BUDGET", 1)  # any partials are over budget
     seen = []
@@ -353,8 +359,25 @@ def test_atomic_backward_keeps_four_channel_blocks_whatever_the_partials_budget(
                         lambda *a, **kw: seen.append(kw) or backward(*a, **kw))
     args = make_inputs(1, 40, 16, 16, seed=8)
     jax.clear_caches()  # trace anew, so the patched backward sees both calls
-    for tuning in (None, dict(bwd_atomic_cols=1)):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    for tuning in (dict(bwd_atomic_cols=0), None):  # partials, then the default (atomic)
         values_and_grads(fused, args, dict(delta_softplus=True, backend="triton_channel_major", tuning=tuning))
-    widened, atomic = seen
+    # JAX's switch for run-to-run identical results turns the default back to the partials.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_gpu_deterministic_ops=true")
+    jax.clear_caches()
+    values_and_grads(fused, args, dict(delta_softplus=True, backend="triton_channel_major"))
+    widened, atomic, deterministic = seen
     assert (widened["block_d"], widened["atomic_cols"]) == (16, False)
     assert (atomic["block_d"], atomic["atomic_cols"], atomic["four_row_sums"]) == (4, True, True)
+    assert (deterministic["block_d"], deterministic["atomic_cols"]) == (16, False)
+
+
+@pytest.mark.parametrize("flags,atomic", [("", 1), ("--xla_gpu_deterministic_ops", 0),
+                                          ("--xla_gpu_deterministic_ops=TRUE --xla_dump_to=/tmp/x", 0),
+                                          ("--xla_gpu_deterministic_ops=false", 1),
+                                          ("--xla_gpu_deterministic_ops_extra=true", 1)])
+def test_atomic_backward_is_the_default_unless_xla_is_asked_for_deterministic_ops(flags, atomic, monkeypatch):
+    module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert module.default_atomic_cols() == atomic
+    assert module.default_channel_major_tuning(4, 4096, 4096, 32)["bwd_atomic_cols"] == atomic
