@@ -69,7 +69,7 @@ def default_atomic_cols() -> int:
     reduce. The sum order, hence the last bits of dB and dC, then varies from run to run. Interleaved
     A/B on an H100 (BENCHMARKS.md, 2026-12-07): forward+backward 1.07x (4 x 4096 x 4096), 1.09x
     (1 x 16384 x 4096), 1.01x (8 x 4096 x 3072) the partials' speed in bf16, 1.05x in float32, at a
-    ninth of the temporary memory (samba_1b's 8 x 4096 train step fits an 80 GiB H100 only this way).
+    ninth of the temporary memory (samba_1b's 8 x 4096 train step fits an 80 GB H100 only this way).
     0 where XLA_FLAGS asks for deterministic GPU ops (--xla_gpu_deterministic_ops, JAX's switch for
     run-to-run identical results): then the partials, whose sums XLA reduces in a fixed order."""
     for flag in os.environ.get("XLA_FLAGS", "").split():
@@ -102,10 +102,10 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     need not be the backward's 32 steps) scan longer tiles: 4 channels x 128 steps (bf16) or
     8 x 64 (float32) on 2 warps, 1.3-2.5x faster than the training forward (same sweeps).
     atomic_cols (`bwd_atomic_cols`; None: `default_atomic_cols`, 1 unless XLA is asked for
-    deterministic ops): the backward adds its dB, dC sums into one
-    accumulator, so its block stays at 4 channels on one warp whatever the shape, with four-row sums
-    (there both ways of summing compile to 255 registers, and four-row sums to fewer instructions:
-    BENCHMARKS.md, 2026-12-06, third session). Without it (deterministic) the backward writes dB and dC
+    deterministic ops): the backward adds its dB, dC sums into one accumulator, so its block stays at
+    4 channels on one warp whatever the shape, with four-row sums (there both ways of summing compile
+    to 255 registers, and four-row sums to fewer instructions: BENCHMARKS.md, 2026-12-06, third
+    session). Without it (deterministic) the backward writes dB and dC
     partial sums per channel block (batch, width / block, d_state, seq) float32, so its block widens
     until those fit in 6 GiB (samba_1b at 8 x 4096: block 4, 4.8 GB; measured in its train step, a
     2 GiB budget gave block 32 and no gain over the step kernel), and four-row sums only on small grids.
@@ -184,15 +184,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       mamba_ssm does, in a run-to-run varying order: 1.01-1.09x the speed of the partial sums and a
       ninth of their temporary memory; 0: per-block partial sums reduced by XLA, run-to-run identical;
       the default is 1 unless XLA_FLAGS has --xla_gpu_deterministic_ops, `default_atomic_cols`) and
-      bwd_four_row_sums (1: the per-block dB, dC sums over channels taken
-      4 states at a time by warp shuffles where the tile is 4 channels x 32 steps on one warp,
-      `channel_sums`; 0: state by state, Triton's butterfly; the default by grid size,
-      `default_four_row_sums`) and bwd_warp_scans (1: the backward's reverse
-      scans by inline-PTX warp shuffles where the tile is 4 channels x 32 steps on one warp,
-      `warp_scans`; 0.84-1.01x the default's speed in two timed runs; 0, the default: Triton's
-      reverse tt.scan), and fwd_states_tile (1: the forward stores the states entering each tile as
-      one (block, d_state) tile instead of d_state columns, each moved through shared memory between
-      two barriers; 0.57-0.79x the default's forward speed; 0, the default).
+      bwd_four_row_sums (1: the per-block dB, dC sums over channels taken 4 states at a time by warp
+      shuffles where the tile is 4 channels x 32 steps on one warp, `channel_sums`; 0: state by
+      state, Triton's butterfly; the default by grid size, `default_four_row_sums`) and
+      bwd_warp_scans (1: the backward's reverse scans by inline-PTX warp shuffles where the tile is
+      4 channels x 32 steps on one warp, `warp_scans`; 0.84-1.01x the default's speed in two timed
+      runs; 0, the default: Triton's reverse tt.scan), and fwd_states_tile (1: the forward stores
+      the states entering each tile as one (block, d_state) tile instead of d_state columns, each
+      moved through shared memory between two barriers; 0.57-0.79x the default's forward speed; 0,
+      the default).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
