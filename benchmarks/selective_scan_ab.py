@@ -1,20 +1,20 @@
 """Interleaved A/B timing of selective-scan variants: ratios to the first, in one process.
 
     python benchmarks/selective_scan_ab.py --mode=fwd --shapes=4x4096x4096,1x16384x4096 \
-      --impls=pallas+fwd_states_tile=0,pallas+fwd_states_tile=1
+      --impls=pallas,pallas+fwd_states_tile=1
     python benchmarks/selective_scan_ab.py --mode=fwd+bwd --shapes=4x4096x4096 \
-      --impls=pallas+fwd_states_tile=0,pallas+bwd_atomic_cols=1,pallas+bwd_warp_scans=1
+      --impls=pallas,pallas+bwd_atomic_cols=0,pallas+bwd_warp_scans=1
 
 `benchmarks/selective_scan.py` times one variant after another, and on an H200 (2026-12-06) the same
 forward kernel measured 1.29-1.76 ms across four of its rows: drift between rows as large as the
 differences sought. Here every variant is compiled first, then all are timed in turn, round after
 round (`timing.interleaved_median_ms`), so drift reaches them alike. Impl strings as in
 `selective_scan.py` (`scan_fn`); inputs bfloat16 unless --dtype says otherwise, in mamba_ssm's
-channels-first layout unless --layout says otherwise. Take the baseline as `pallas+KNOB=...` (the
-defaults, one knob changed per variant): a cm string fixes every knob, also those whose default
-depends on the shape (four-row sums are off above 2048 backward programs). fwd times an
-undifferentiated call (the forward-only tiles); fwd+bwd the gradient (the training forward and the
-backward).
+channels-first layout unless --layout says otherwise. Take the baseline as `pallas` (the defaults)
+and change one knob per variant (`pallas+KNOB=...`): a cm string fixes every knob, also those whose
+default depends on the shape (four-row sums on the partial-sum path are off above 2048 backward
+programs). fwd times an undifferentiated call (the forward-only tiles); fwd+bwd the gradient (the
+training forward and the backward).
 """
 
 from __future__ import annotations

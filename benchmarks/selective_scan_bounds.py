@@ -89,6 +89,9 @@ def _forced(kernel, **options):
     return call
 
 
+_STORE_COL = tcm._store_col  # the kernels' own, for the atomic case below
+
+
 def _row_store_converted(ref, n, tile, values, valid, atomic):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
@@ -96,9 +99,6 @@ def _row_store_converted(ref, n, tile, values, valid, atomic):
     if atomic:  # the atomic adds (the default since 2026-12-07) take (1, chunk) rows already
         return _STORE_COL(ref, n, tile, values, valid, atomic)
     pltriton.store(ref.at[pl.ds(n, 1), pl.ds(tile.start, values.shape[1])], values, mask=valid)
-
-
-_STORE_COL = tcm._store_col
 
 
 def _no_bc_loads(self, ref, n):

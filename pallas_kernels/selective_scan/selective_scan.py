@@ -105,10 +105,10 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     deterministic ops): the backward adds its dB, dC sums into one accumulator, so its block stays at
     4 channels on one warp whatever the shape, with four-row sums (there both ways of summing compile
     to 255 registers, and four-row sums to fewer instructions: BENCHMARKS.md, 2026-12-06, third
-    session). Without it (deterministic) the backward writes dB and dC
-    partial sums per channel block (batch, width / block, d_state, seq) float32, so its block widens
-    until those fit in 6 GiB (samba_1b at 8 x 4096: block 4, 4.8 GB; measured in its train step, a
-    2 GiB budget gave block 32 and no gain over the step kernel), and four-row sums only on small grids.
+    session). Without it (deterministic) the backward writes dB and dC partial sums per channel block
+    (batch, width / block, d_state, seq) float32, so its block widens until those fit in 6 GiB
+    (samba_1b at 8 x 4096: block 4, 4.8 GB; measured in its train step, a 2 GiB budget gave block 32
+    and no gain over the step kernel), and four-row sums only on small grids.
     """
     if atomic_cols is None:
         atomic_cols = bool(default_atomic_cols())
