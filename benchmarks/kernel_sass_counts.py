@@ -1,7 +1,7 @@
 """Static counts of the channel-major scan kernels' SASS, compiled for sm_90 without a GPU.
 
     pip install -e ".[sass]"   # upstream Triton 3.5.1: its compiler, ptxas and cuobjdump
-    python benchmarks/kernel_sass_counts.py --kernel=backward --variants=base,warp_scans,four_rows
+    python benchmarks/kernel_sass_counts.py --kernel=backward --variants=base,four_rows
     python benchmarks/kernel_sass_counts.py --kernel=forward
 
 Lowers a kernel through Pallas to Triton IR for CUDA on any machine (the GPU query is stubbed with
@@ -39,14 +39,11 @@ OPCODES = ("SHFL", "MUFU", "FFMA", "FMUL", "FADD", "FSEL", "SEL", "PRMT", "SHF",
 VARIANTS = {  # per kernel: name -> options of `kernels.backward` or `kernels.forward`
     "backward": {
         "base": {},
-        "warp_scans": dict(warp_reverse_scans=True),
         "four_rows": dict(four_row_sums=True),
-        "four_rows+warp_scans": dict(four_row_sums=True, warp_reverse_scans=True),
-        "atomic+four_rows+warp_scans": dict(atomic_cols=True, four_row_sums=True, warp_reverse_scans=True),
+        "atomic+four_rows": dict(atomic_cols=True, four_row_sums=True),
     },
     "forward": {
         "base": {},
-        "states_tile": dict(states_tile=True),
     },
 }
 

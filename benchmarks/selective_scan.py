@@ -53,15 +53,14 @@ def inputs(batch, seq, width, dtype, d_state=16, layout="channels_last"):
 
 def scan_fn(impl: str, layout: str = "channels_last"):
     """pallas:BLOCK_D[:FWD_PREFETCH:FWD_WARPS:BWD_PREFETCH:BWD_WARPS] (the step-by-step Triton kernel),
-    cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS[:ATOMIC[:FOUR_ROWS[:WARP_SCANS]]]]] (the
+    cm:FWD_BLOCK_D:BWD_BLOCK_D[:CHUNK[:FWD_WARPS:BWD_WARPS[:ATOMIC[:FOUR_ROWS]]]] (the
     channel-major kernel; ATOMIC 1: dB, dC summed over blocks with atomic adds, 0: as per-block partials;
     FOUR_ROWS 0: their sums over a block's channels state by state by Triton's butterfly, not 4 states at
-    once; WARP_SCANS 1: the backward's reverse scans by `warp_scans`' shuffles, 0: by Triton's tt.scan,
-    the default), or an ops
+    once), or an ops
     implementation (pallas = the default kernel, pallas:triton = the step-by-step one at its defaults),
     optionally /SPLITS (the op's sequence_splits; /auto: its default for the shape), e.g. pallas/8.
     The fused kernel's other tuning knobs follow as +KNOB=VALUE on a cm string or on pallas (the
-    channel-major kernels at their defaults), e.g. pallas+fwd_states_tile=1+bwd_four_row_sums=0."""
+    channel-major kernels at their defaults), e.g. pallas+bwd_atomic_cols=0+bwd_four_row_sums=0."""
     impl, *extra = impl.split("+")
     extra = {key: int(value) for key, _, value in (knob.partition("=") for knob in extra)}
     if extra and impl != "pallas" and not impl.startswith("cm"):
@@ -76,7 +75,7 @@ def scan_fn(impl: str, layout: str = "channels_last"):
 
         if name == "cm":
             keys = ("fwd_block_d", "bwd_block_d", "chunk", "fwd_warps", "bwd_warps", "bwd_atomic_cols",
-                    "bwd_four_row_sums", "bwd_warp_scans")
+                    "bwd_four_row_sums")
             tuning = dict(zip(keys, (int(k) for k in knobs)), **extra)
             chunk = dict(chunk_size=tuning.pop("chunk")) if "chunk" in tuning else {}
             return lambda **a: fused(**a, delta_softplus=True, tuning=tuning, backend="triton_channel_major",

@@ -1,9 +1,9 @@
 """Interleaved A/B timing of selective-scan variants: ratios to the first, in one process.
 
     python benchmarks/selective_scan_ab.py --mode=fwd --shapes=4x4096x4096,1x16384x4096 \
-      --impls=pallas,pallas+fwd_states_tile=1
+      --impls=pallas,pallas+fwd_only_chunk=64
     python benchmarks/selective_scan_ab.py --mode=fwd+bwd --shapes=4x4096x4096 \
-      --impls=pallas,pallas+bwd_atomic_cols=0,pallas+bwd_warp_scans=1
+      --impls=pallas,pallas+bwd_atomic_cols=0,pallas+bwd_four_row_sums=0
 
 `benchmarks/selective_scan.py` times one variant after another, and on an H200 (2026-12-06) the same
 forward kernel measured 1.29-1.76 ms across four of its rows: drift between rows as large as the

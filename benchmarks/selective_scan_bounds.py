@@ -15,8 +15,6 @@ with the training tiles, and forward+backward. Variants change every kernel at o
   no_scan      the tile's linear recurrence -> a * b (no scan, no shuffles)
   no_reverse   the backward's reverse-time scans run forward in time instead (Triton lowers a reverse
                scan with its inputs and outputs flipped across lanes; this leaves the flips out)
-  warp_scans   the backward's reverse scans by `warp_scans`' inline-PTX shuffles (bwd_warp_scans=1)
-               where the tile allows (a candidate, not an ablation)
   row_store_converted  the backward's dB, dC partial-sum rows stored as (1, chunk) rows, which Triton
                converts to another layout through shared memory first (the kernel before 2026-12-06;
                not an ablation; with the atomic default, tuning bwd_atomic_cols=1, the same as
@@ -30,8 +28,8 @@ with the training tiles, and forward+backward. Variants change every kernel at o
   state_loop_only  no_exp, no_scan, no_bc_loads and no_carry at once: what is left is the loads of u,
                delta, z, the stores, the masks and the loop over states
 
-Outputs of the ablations are wrong by construction (bc_f32's, row_store_converted's, butterfly_sums'
-and warp_scans' must equal as_is's, the last two up to float32 rounding); each variant's
+Outputs of the ablations are wrong by construction (bc_f32's, row_store_converted's and butterfly_sums'
+must equal as_is's, the last up to float32 rounding); each variant's
 difference from as_is is printed (an ablation whose outputs equal as_is's did not take).
 Times are medians of --iters calls (benchmarks/timing.py), all in one process, on one GPU.
 """
@@ -80,15 +78,6 @@ def _float32_columns(kernel):
     return call
 
 
-def _forced(kernel, **options):
-    """kernel with some options overridden, whatever the caller passes."""
-
-    def call(*args, **given):
-        return kernel(*args, **{**given, **options})
-
-    return call
-
-
 _STORE_COL = tcm._store_col  # the kernels' own, for the atomic case below
 
 
@@ -113,11 +102,8 @@ PATCHES = {
     "as_is": [],
     "bc_f32": [("forward", _float32_columns(tcm.forward)), ("backward", _float32_columns(tcm.backward))],
     "no_exp": [("jnp", _Numpy(lambda x: 1.0 + x))],
-    "no_scan": [("linear_recurrence", lambda a, b, axis, reverse=False: a * b),
-                ("warp_scans.reverse_recurrence", lambda a, b, interpret: a * b)],
-    "no_reverse": [("linear_recurrence", lambda a, b, axis, reverse=False: linear_recurrence(a, b, axis)),
-                   ("warp_scans.reverse_recurrence", lambda a, b, interpret: linear_recurrence(a, b, 1))],
-    "warp_scans": [("backward", _forced(tcm.backward, warp_reverse_scans=True))],
+    "no_scan": [("linear_recurrence", lambda a, b, axis, reverse=False: a * b)],
+    "no_reverse": [("linear_recurrence", lambda a, b, axis, reverse=False: linear_recurrence(a, b, axis))],
     "row_store_converted": [("_store_col", _row_store_converted), ("channel_sums.applies", lambda *args: False)],
     "butterfly_sums": [("channel_sums.applies", lambda *args: False)],
     "no_col_sums": [("_store_col", lambda *args: None), ("_four_rows", lambda *args: None)],
@@ -148,13 +134,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="4x4096x4096")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--d_state", type=int, default=16, help="SSM states (Mamba's 16; the CPU test takes 8)")
     p.add_argument("--variants", default=",".join(PATCHES))
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
     variants = args.variants.split(",")
     batch, seq, width = (int(x) for x in args.shape.split("x"))
-    a = inputs(batch, seq, width, jnp.dtype(args.dtype), layout="channels_first")
-    exp_floor_ms = batch * seq * width * 16 / EXP_PER_S * 1e3
+    a = inputs(batch, seq, width, jnp.dtype(args.dtype), d_state=args.d_state, layout="channels_first")
+    exp_floor_ms = batch * seq * width * args.d_state / EXP_PER_S * 1e3
     tile = fused.CHANNEL_MAJOR_TILE
     knobs = fused.default_channel_major_tuning(batch, seq, width, tile, jnp.dtype(args.dtype).itemsize)
     training_tiles = dict(fwd_only_block_d=knobs["fwd_block_d"], fwd_only_chunk=tile,
@@ -165,8 +152,8 @@ def main():
                                               tuning=tuning)
         return jax.jit(scan), jax.jit(jax.grad(lambda a: jnp.sum(scan(a).astype(F32))))
 
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape} {args.dtype} channels-first; "
-          f"exponentials alone at the special-function rate: {exp_floor_ms:.2f} ms per pass\n")
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.shape} {args.dtype} d_state {args.d_state} "
+          f"channels-first; exponentials alone at the special-function rate: {exp_floor_ms:.2f} ms per pass\n")
     print("| variant | fwd-only tiles ms | training fwd ms | fwd+bwd ms | bwd (f+b - training fwd) ms |")
     print("|---|---|---|---|---|")
     reference, lowered = None, {}
@@ -184,7 +171,7 @@ def main():
         out = [compiled[0](a), compiled[2](a)]  # y, and all gradients
         reference = out if reference is None else reference
         err = max(_relative_difference(x, y) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
-        # bc_f32, row_store_converted, butterfly_sums, warp_scans must agree with as_is; an ablation must
+        # bc_f32, row_store_converted, butterfly_sums must agree with as_is; an ablation must
         # differ, or its patch did not take.
         print(f"<!-- {variant}: max relative difference from as_is over y and all gradients {err:.2e} -->")
         print(f"| {variant} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} | {times[2] - times[1]:.2f} |",

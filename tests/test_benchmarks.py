@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
+from tests.conftest import cpu_devices_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--override=d_model=64", "--override=num_repeats=1", "--override=num_heads=2", "--override=num_kv_heads=1",
         "--override=head_dim=32", "--override=mlp_hidden=128", "--override=vocab_size=256", "--override=window=64"]
 
 
 def run(script, *args, devices=None):
-    env = dict(os.environ)
-    if devices:
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = cpu_devices_env(devices) if devices else dict(os.environ)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -88,21 +88,21 @@ def test_train_step_dry_run_names_a_mesh_that_cannot_split_the_model():
 
 
 def test_selective_scan_bounds_variants_take_and_print_their_table():
-    """Each ablation must change the kernels' outputs (or its patch did not reach the trace); the four
-    variants that are not ablations must not (butterfly_sums and warp_scans only by float32
-    rounding)."""
-    out = run("selective_scan_bounds.py", "--shape=1x40x24", "--dtype=bfloat16", "--iters=1")
+    """Each ablation must change the kernels' outputs (or its patch did not reach the trace); the three
+    variants that are not ablations must not (butterfly_sums only by float32 rounding). Two tiles of
+    steps (the second ragged), two four-row groups of states."""
+    out = run("selective_scan_bounds.py", "--shape=1x40x24", "--d_state=8", "--dtype=bfloat16", "--iters=1")
     differences = {}
     for line in out.splitlines():
         if line.startswith("<!-- "):
             name, _, rest = line[5:].partition(":")
             differences[name] = float(rest.split()[-2])
     assert set(differences) == {"as_is", "bc_f32", "no_exp", "no_scan", "no_reverse", "row_store_converted",
-                                "butterfly_sums", "warp_scans", "no_col_sums", "no_bc_loads", "no_carry",
+                                "butterfly_sums", "no_col_sums", "no_bc_loads", "no_carry",
                                 "state_loop_only"}, out
     assert differences.pop("as_is") == 0.0
     assert differences.pop("bc_f32") < 1e-6 and differences.pop("row_store_converted") < 1e-6
-    assert differences.pop("butterfly_sums") < 1e-2 and differences.pop("warp_scans") < 1e-2
+    assert differences.pop("butterfly_sums") < 1e-2
     assert all(d > 1e-3 for d in differences.values()), differences
     assert "| no_scan |" in out
 
@@ -115,31 +115,21 @@ def test_profile_driver_launches_the_scan_kernels():
 def test_kernel_sass_counts_compiles_the_backward_outside_xla():
     """Needs upstream Triton (pip install triton), not part of the test install: skipped without it."""
     pytest.importorskip("triton")
-    out = run("kernel_sass_counts.py", "--variants=base,warp_scans")
-    rows = {line.split("|")[1].strip(): [int(c) for c in line.split("|")[2:-1]]
-            for line in out.splitlines() if line.startswith("| base") or line.startswith("| warp_scans")}
-    assert set(rows) == {"base", "warp_scans"}, out
-    shuffles = {name: values[2] for name, values in rows.items()}  # registers, instructions, SHFL, ...
-    assert 0 < shuffles["warp_scans"] < shuffles["base"], out
-
-
-def test_kernel_sass_counts_sees_the_forward_states_tile_drop_barriers():
-    """Needs upstream Triton, as above. One (block, d_state) store of the entering states per tile
-    replaces d_state column stores, each converted through shared memory between two barriers."""
-    pytest.importorskip("triton")
-    out = run("kernel_sass_counts.py", "--kernel=forward", "--variants=base,states_tile")
+    out = run("kernel_sass_counts.py", "--variants=base,atomic+four_rows")
     header = next(line for line in out.splitlines() if line.startswith("| variant"))
     columns = [c.strip() for c in header.split("|")[1:-1]]
     rows = {line.split("|")[1].strip(): dict(zip(columns[1:], (int(c) for c in line.split("|")[2:-1])))
-            for line in out.splitlines() if line.startswith(("| base", "| states_tile"))}
-    assert set(rows) == {"base", "states_tile"}, out
-    assert rows["states_tile"]["BAR"] <= rows["base"]["BAR"] - 16, out
+            for line in out.splitlines() if line.startswith(("| base", "| atomic+four_rows"))}
+    assert set(rows) == {"base", "atomic+four_rows"}, out
+    # The partial sums are stored (STG); the atomic path adds them with fence-free reductions (REDG).
+    assert rows["base"]["REDG"] == 0 < rows["atomic+four_rows"]["REDG"], out
+    assert rows["atomic+four_rows"]["MEMBAR"] == 0, out
 
 
 def test_ab_benchmark_times_every_variant_against_the_first():
     out = run("selective_scan_ab.py", "--mode=fwd+bwd", "--shapes=1x40x24", "--dtype=float32", "--rounds=2",
-              "--calls=1", "--impls=pallas,pallas+fwd_states_tile=1+bwd_four_row_sums=0")
+              "--calls=1", "--impls=pallas,pallas+bwd_atomic_cols=0+bwd_four_row_sums=0")
     rows = [line for line in out.splitlines() if line.startswith("| 1x40x24")]
-    impls = ["pallas", "pallas+fwd_states_tile=1+bwd_four_row_sums=0"]
+    impls = ["pallas", "pallas+bwd_atomic_cols=0+bwd_four_row_sums=0"]
     assert [row.split("|")[2].strip() for row in rows] == impls, out
     assert rows[0].rstrip().endswith("| 1.000x |"), out

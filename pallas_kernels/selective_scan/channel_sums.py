@@ -19,7 +19,7 @@ selects that pick which row a lane sends, and one store instead of four. On an H
 then issues about 4% fewer instructions (ncu: issue rate x duration) and
 stalls less between them (4.7 against 5.9 cycles per instruction), but ptxas gives it 255 registers
 instead of 168, so 8 one-warp programs fit per SM instead of 12: it pays only on grids that do not
-fill the GPU many times over (`selective_scan.default_four_row_sums`; BENCHMARKS.md, 2026-12-06).
+fill the GPU many times over (`selective_scan.default_four_row_sums`; benchmarks/HISTORY.md, 2026-12-06).
 
 The shuffles assume that layout: `applies` names the tiles it is known for, and the GPU tests check
 the kernel's dB and dC there. Elsewhere, and in interpret mode (CPU), the same contracts run as
@@ -32,8 +32,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
-
-from pallas_kernels.selective_scan import warp_scans
 
 CHANNELS = 4  # channels of the tile, one lane group of 8 lanes each
 
@@ -54,7 +52,7 @@ add.f32 $0, keep, got;
 def applies(block_d: int, chunk: int, num_warps: int, d_state: int) -> bool:
     """Whether Triton lays the tile out as the shuffles assume (4 channels x 32 steps on one warp)
     and the states come in fours (the backward sums dB, and dC, of 4 states at a time)."""
-    return warp_scans.applies(block_d, chunk, num_warps) and d_state % CHANNELS == 0
+    return block_d == CHANNELS and chunk == 32 and num_warps == 1 and d_state % CHANNELS == 0
 
 
 def channel_index(chunk: int):

@@ -4,7 +4,10 @@ Pallas' Triton backend lowers only `cumsum` to Triton's parallel scan (`tt.scan`
 linear recurrence needs the same scan with the combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2).
 This module adds that as a primitive: on GPU it lowers to one `tt.scan` (log-depth across threads,
 so a tile of T steps costs far less than T dependent steps); everywhere else, including Pallas
-interpret mode on CPU, it is `lax.associative_scan` with the same combine.
+interpret mode on CPU, it is the plain step-by-step loop (`lax.scan`). (It was
+`lax.associative_scan` with the same combine until 2026-12-07: the same values to float32
+rounding, but its log-depth slices and pads made the interpret-mode kernels' programs half again
+as large and about twice as slow for XLA to compile on a CPU, which is most of the kernel tests' time.)
 
 The Triton lowering uses jax's private Pallas-Triton lowering API (`jax._src.pallas.triton.lowering`),
 pinned by the exact jax version in setup.py; tests/pallas_kernels checks both paths against a loop.
@@ -18,18 +21,17 @@ from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
 
-def _combine(earlier, later):
-    a1, b1 = earlier
-    a2, b2 = later
-    return a1 * a2, a2 * b1 + b2
-
-
 def reference(a, b, axis: int = 0, reverse: bool = False):
-    """Plain-JAX definition: forward h_t = a_t h_{t-1} + b_t (h_{-1} = 0); reverse h_t = a_t h_{t+1} + b_t."""
-    if reverse:
-        a, b = jnp.flip(a, axis), jnp.flip(b, axis)
-    h = lax.associative_scan(_combine, (a, b), axis=axis)[1]
-    return jnp.flip(h, axis) if reverse else h
+    """Plain-JAX definition, one step at a time: forward h_t = a_t h_{t-1} + b_t (h_{-1} = 0);
+    reverse h_t = a_t h_{t+1} + b_t (zero after the last step)."""
+
+    def step(h, ab):
+        h = ab[0] * h + ab[1]
+        return h, h
+
+    steps_first = (jnp.moveaxis(a, axis, 0), jnp.moveaxis(b, axis, 0))
+    _, h = lax.scan(step, jnp.zeros_like(steps_first[1][0]), steps_first, reverse=reverse)
+    return jnp.moveaxis(h, 0, axis)
 
 
 linear_recurrence_p = jex_core.Primitive("linear_recurrence")

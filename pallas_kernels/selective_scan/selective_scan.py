@@ -32,7 +32,7 @@ def default_block_d(batch: int, width: int) -> int:
     """Widest channel block (up to 64) that still gives >= 256 programs, about two per H200 SM.
 
     Each program walks the whole sequence, so the grid must fill the GPU: measured on an H200
-    (BENCHMARKS.md), 64 is fastest at batch*d_inner >= 16K and 16 at batch 1, d_inner 4096.
+    (benchmarks/HISTORY.md), 64 is fastest at batch*d_inner >= 16K and 16 at batch 1, d_inner 4096.
     """
     for block in (64, 32):
         if batch * width // block >= 256:
@@ -41,7 +41,7 @@ def default_block_d(batch: int, width: int) -> int:
 
 
 def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
-    """Warps and prefetch depth per kernel of the step-by-step backend, from the H200 sweep in BENCHMARKS.md.
+    """Warps and prefetch depth per kernel of the step-by-step backend, from the H200 sweep in benchmarks/HISTORY.md.
 
     Forward: loading 4 steps ahead with 2 warps halves its time at every measured shape. Backward:
     4 steps ahead helps when programs are few (<= 256) and costs registers, hence occupancy, when
@@ -54,20 +54,13 @@ def default_tuning(batch: int, width: int, block_d: int) -> dict[str, int]:
 CHANNEL_MAJOR_TILE = 32  # steps per tile of the channel-major kernels (fastest in the H200 sweep)
 _PARTIALS_BUDGET = 6 << 30  # bytes of per-block dB, dC partial sums the channel-major backward may write
 _FOUR_ROW_SUMS_MAX_PROGRAMS = 2048  # backward programs up to which `channel_sums`' four-row sums pay
-# `warp_scans` issues 21% fewer backward instructions at the same registers (sm_90, outside XLA), but
-# forward+backward with it is 0.88-1.01x the default's speed (same A/B; 0.84-0.87x in an earlier one):
-# off.
-_WARP_SCANS_DEFAULT = 0
-# The forward's store of entering states as one tile (`fwd_states_tile`): half the barriers in the
-# SASS, but 0.57-0.79x the default's forward speed and 0.91-0.99x its forward+backward (same A/B): off.
-_FORWARD_DEFAULTS = dict(fwd_states_tile=0)
 
 
 def default_atomic_cols() -> int:
     """1: the channel-major backward adds its dB, dC sums over channel blocks into one accumulator with
     relaxed float32 atomics, as mamba_ssm does, rather than writing per-block partial sums for XLA to
     reduce. The sum order, hence the last bits of dB and dC, then varies from run to run. Interleaved
-    A/B on an H100 (BENCHMARKS.md, 2026-12-07): forward+backward 1.07x (4 x 4096 x 4096), 1.09x
+    A/B on an H100 (benchmarks/HISTORY.md, 2026-12-07): forward+backward 1.07x (4 x 4096 x 4096), 1.09x
     (1 x 16384 x 4096), 1.01x (8 x 4096 x 3072) the partials' speed in bf16, 1.05x in float32, at a
     ninth of the temporary memory (samba_1b's 8 x 4096 train step fits an 80 GB H100 only this way).
     0 where XLA_FLAGS asks for deterministic GPU ops (--xla_gpu_deterministic_ops, JAX's switch for
@@ -85,14 +78,14 @@ def default_four_row_sums(batch: int, width: int, block_d: int) -> int:
     Those sums (`channel_sums`) take fewer instructions and stall less per warp, but ptxas then gives
     the kernel 255 registers instead of 168: 8 one-warp programs per SM instead of 12. They pay when
     the grid is small against the GPU and lose when it is many waves deep. Forward+backward on an H100
-    (132 SMs; bf16, BENCHMARKS.md, 2026-12-06): 1 x 16384 x 4096 (1024 programs) 11% faster, 2 x 8192 x
+    (132 SMs; bf16, benchmarks/HISTORY.md, 2026-12-06): 1 x 16384 x 4096 (1024 programs) 11% faster, 2 x 8192 x
     4096 (2048) 16% faster, 4 x 4096 x 4096 (4096) 2% slower, 8 x 4096 x 3072 (6144) 10% slower."""
     return int(batch * -(-width // block_d) <= _FOUR_ROW_SUMS_MAX_PROGRAMS)
 
 
 def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, itemsize: int = 2,
                                  atomic_cols: bool | None = None) -> dict[str, int]:
-    """Channels and warps per program of the channel-major kernels, from the H200 sweeps in BENCHMARKS.md.
+    """Channels and warps per program of the channel-major kernels, from the H200 sweeps in benchmarks/HISTORY.md.
 
     The fastest bf16 forward tiles hold 8 steps per thread (one 16-byte load): 16 channels x 32
     steps on 2 warps; with float32 inputs (itemsize 4), 4 channels on one warp (2.0 against 2.8 ms
@@ -104,7 +97,7 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     atomic_cols (`bwd_atomic_cols`; None: `default_atomic_cols`, 1 unless XLA is asked for
     deterministic ops): the backward adds its dB, dC sums into one accumulator, so its block stays at
     4 channels on one warp whatever the shape, with four-row sums (there both ways of summing compile
-    to 255 registers, and four-row sums to fewer instructions: BENCHMARKS.md, 2026-12-06, third
+    to 255 registers, and four-row sums to fewer instructions: benchmarks/HISTORY.md, 2026-12-06, third
     session). Without it (deterministic) the backward writes dB and dC partial sums per channel block
     (batch, width / block, d_state, seq) float32, so its block widens until those fit in 6 GiB
     (samba_1b at 8 x 4096: block 4, 4.8 GB; measured in its train step, a 2 GiB budget gave block 32
@@ -126,7 +119,7 @@ def default_channel_major_tuning(batch: int, seq: int, width: int, chunk: int, i
     return dict(fwd_block_d=fwd_block, bwd_block_d=bwd_block, fwd_warps=fwd_warps, bwd_warps=bwd_warps,
                 bwd_atomic_cols=int(atomic_cols),
                 bwd_four_row_sums=1 if atomic_cols else default_four_row_sums(batch, width, bwd_block),
-                bwd_warp_scans=_WARP_SCANS_DEFAULT, **_FORWARD_DEFAULTS, fwd_only_block_d=only_block,
+                fwd_only_block_d=only_block,
                 fwd_only_chunk=only_chunk, fwd_only_warps=max(1, only_block * only_chunk // 256))
 
 
@@ -153,7 +146,7 @@ def _scan_bwd(options, residuals, cotangents):
     # per-program partial sums here.
     # The barrier keeps XLA from fusing these reductions into their consumer (in the Mamba layer, the
     # concatenate of x_proj's gradient), which made them a slow loop fusion: 11.8 ms instead of ~2
-    # per samba_1b layer at 8 x 4096 (H200 profile, BENCHMARKS.md).
+    # per samba_1b layer at 8 x 4096 (H200 profile, benchmarks/HISTORY.md).
     dbt, dct = jax.lax.optimization_barrier((dbt.sum(1), dct.sum(1)))
     return (du, ddelta, dz, dbt.astype(bt.dtype), dct.astype(ct.dtype), dat.sum(0),
             dd.sum(0), dbias.sum(0), dh0)
@@ -186,13 +179,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       the default is 1 unless XLA_FLAGS has --xla_gpu_deterministic_ops, `default_atomic_cols`) and
       bwd_four_row_sums (1: the per-block dB, dC sums over channels taken 4 states at a time by warp
       shuffles where the tile is 4 channels x 32 steps on one warp, `channel_sums`; 0: state by
-      state, Triton's butterfly; the default by grid size, `default_four_row_sums`) and
-      bwd_warp_scans (1: the backward's reverse scans by inline-PTX warp shuffles where the tile is
-      4 channels x 32 steps on one warp, `warp_scans`; 0.84-1.01x the default's speed in two timed
-      runs; 0, the default: Triton's reverse tt.scan), and fwd_states_tile (1: the forward stores
-      the states entering each tile as one (block, d_state) tile instead of d_state columns, each
-      moved through shared memory between two barriers; 0.57-0.79x the default's forward speed; 0,
-      the default).
+      state, Triton's butterfly; the default by grid size, `default_four_row_sums`).
     interpret: run the kernels in Pallas interpret mode (default: on CPU backends).
     backend: "triton_channel_major" (the default off TPU), "triton" (step by step) or "tpu" (the
       default on TPU). The channel-major kernels need a power-of-two chunk_size. On TPU,
@@ -238,7 +225,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             warps = max(1, block_d * chunk // 256)
             knobs.update(fwd_warps=warps, bwd_warps=warps, bwd_atomic_cols=default_atomic_cols(),
                          bwd_four_row_sums=default_four_row_sums(batch, width, block_d),
-                         bwd_warp_scans=_WARP_SCANS_DEFAULT, **_FORWARD_DEFAULTS,
                          fwd_only_block_d=block_d, fwd_only_chunk=chunk, fwd_only_warps=warps)
         else:
             knobs.update(default_tuning(batch, width, block_d))
@@ -310,10 +296,7 @@ class _Options(dict):
         return dict(shared, num_warps=self[f"{prefix}_warps"], block_d=self[f"{prefix}_block_d"])
 
     def forward(self) -> dict:
-        options = self._for("fwd")
-        if self["backend"] == "triton_channel_major":
-            options["states_tile"] = bool(self["fwd_states_tile"])
-        return options
+        return self._for("fwd")
 
     def forward_only(self) -> dict:
         """The forward's options when no backward follows (channel-major: its own tiles)."""
@@ -327,5 +310,4 @@ class _Options(dict):
         if self["backend"] == "triton_channel_major":
             options["atomic_cols"] = bool(self["bwd_atomic_cols"])
             options["four_row_sums"] = bool(self["bwd_four_row_sums"])
-            options["warp_reverse_scans"] = bool(self["bwd_warp_scans"])
         return options

@@ -183,7 +183,8 @@ def _specs(d_state, block_d, tile, num_tiles, reverse):
     """BlockSpecs for grid (batch, d_blocks, seq_tiles), keyed by layout; `reverse` walks seq tiles
     last to first."""
     tix = (lambda s: num_tiles - 1 - s) if reverse else (lambda s: s)
-    per_batch = lambda b, j, s: (b, 0, j)  # resident across seq tiles
+    def per_batch(b, j, s):
+        return (b, 0, j)  # resident across seq tiles
     return {
         "row": pl.BlockSpec((None, tile, block_d), lambda b, j, s: (b, tix(s), j)),  # (batch, seq, d)
         "col": pl.BlockSpec((None, d_state, tile), lambda b, j, s: (b, 0, tix(s))),  # (batch, d_state, seq)

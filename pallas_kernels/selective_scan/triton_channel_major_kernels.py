@@ -5,7 +5,7 @@ Each program owns one batch element and `block_d` channels and walks the sequenc
 over a tile as one parallel scan (`linear_recurrence`, Triton's tt.scan). Tiles are
 (block_d, chunk) with the step axis last and contiguous in memory, as mamba_ssm lays out
 (batch, dim, seqlen). (An earlier kernel with the channels contiguous, (chunk, block_d) tiles, had
-its scans cross warps and ran 2-3.5x slower than the step-by-step kernel; BENCHMARKS.md.) Triton's
+its scans cross warps and ran 2-3.5x slower than the step-by-step kernel; benchmarks/HISTORY.md.) Triton's
 default layouts then give each thread a run of consecutive steps of one channel (a vector load),
 so the scan is sequential inside a thread and a few warp shuffles across threads, never crossing
 warps, which is mamba_ssm's own block-scan recipe. B and C are loaded already broadcast over the
@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.selective_scan import channel_sums, relaxed_atomics, warp_scans
+from pallas_kernels.selective_scan import channel_sums, relaxed_atomics
 from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence
 
 F32 = jnp.float32
@@ -66,7 +66,7 @@ class _Tile:
     def broadcast(self, ref, n):
         """State n's values at the tile's steps, repeated over the channels, from a (d_state, seq) ref."""
         # An index array whose rows repeat: the load lands in the tile's own layout. (Loading the row
-        # once and broadcasting ran at the same speed on an H200, BENCHMARKS.md.)
+        # once and broadcasting ran at the same speed on an H200, benchmarks/HISTORY.md.)
         return _load(ref.at[jnp.int32(n), self.step + self.start], self.valid)
 
     def delta(self, delta_ref, bias, softplus, offset=0):
@@ -84,11 +84,10 @@ class _Tile:
 
 
 def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_ref, h0_ref,
-                    y_ref, chunk_states_ref, final_ref, *, seq, chunk, softplus, has_z, states_tile):
+                    y_ref, chunk_states_ref, final_ref, *, seq, chunk, softplus, has_z):
     block_d, d_state = a_ref.shape
     a2 = [_load(a_ref.at[:, pl.ds(n, 1)]) * LOG2E for n in range(d_state)]  # (block_d, 1) each
     d_skip, bias = _load(d_ref), _load(bias_ref)
-    state_index = lax.broadcasted_iota(jnp.int32, (block_d, d_state), 1)
 
     def tile_body(c, h):
         tile = _Tile(c * chunk, chunk, block_d, seq)
@@ -96,15 +95,11 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_
         _, dt = tile.delta(delta_ref, bias, softplus)
         dtu = dt * u
         y = d_skip * u
-        if states_tile:  # the states entering tile c as one (block_d, d_state) store
-            entering = jnp.zeros((block_d, d_state), F32)
-            for n in range(d_state):
-                entering = jnp.where(state_index == n, h[n], entering)
-            pltriton.store(chunk_states_ref.at[c], entering)
         carried = []
         for n in range(d_state):
-            if not states_tile:
-                pltriton.store(chunk_states_ref.at[c, :, pl.ds(n, 1)], h[n])  # the state entering tile c
+            # The state entering tile c. (Storing all d_state columns as one (block_d, d_state) tile
+            # halves the barriers but ran the forward 0.57-0.79x as fast: benchmarks/HISTORY.md, 2026-12-07.)
+            pltriton.store(chunk_states_ref.at[c, :, pl.ds(n, 1)], h[n])
             decay = jnp.exp2(dt * a2[n])
             drive = dtu * tile.broadcast(bt_ref, n)
             drive = jnp.where(tile.step == 0, drive + decay * h[n], drive)  # the carried state enters step 0
@@ -125,7 +120,7 @@ def _forward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_
 
 def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias_ref, chunk_states_ref,
                      dy_ref, dfinal_ref, *out_refs, seq, chunk, softplus, has_z, atomic_cols, four_rows,
-                     warp_scans_on, interpret):
+                     interpret):
     if atomic_cols:  # the zero accumulators come in as inputs aliased to the dB, dC outputs
         out_refs = out_refs[2:]
     du_ref, ddelta_ref, dz_ref, dbt_ref, dct_ref, da_ref, dd_ref, dbias_ref, dh0_ref = out_refs
@@ -169,10 +164,9 @@ def _backward_kernel(u_ref, delta_ref, z_ref, bt_ref, ct_ref, a_ref, d_ref, bias
             source = dy_gate * c_row
             source = jnp.where(tile.step == chunk - 1, source + dh_in[n], source)
             decay_next = jnp.exp2(dt_next * (a[n] * LOG2E))
-            if warp_scans_on:  # 6 shuffles instead of Triton's 66 (`warp_scans`)
-                dh = warp_scans.reverse_recurrence(decay_next, source, interpret=interpret)
-            else:
-                dh = linear_recurrence(decay_next, source, axis=1, reverse=True)
+            # (Inline-PTX warp shuffles in place of Triton's reverse scan, 6 shuffles against 66,
+            # ran 0.84-1.01x as fast in two A/B runs and were dropped: benchmarks/HISTORY.md, 2026-12-07.)
+            dh = linear_recurrence(decay_next, source, axis=1, reverse=True)
             # h_t = decay h_{t-1} + drive: decay * h_{t-1} = states - drive; d/dΔ exp(ΔA) = A exp(ΔA).
             d_decayed = dh * (states - drive)  # d loss / d(ΔA)
             da_out.append(da[n] + jnp.sum(d_decayed * dt, axis=1, keepdims=True))
@@ -231,14 +225,14 @@ def _store_col(ref, n, tile, values, valid, atomic):
     and written through an index array whose rows all point at the same steps. Its addresses run
     along the steps as the tile's loads do, so Triton keeps the tile's layout for the store. (A plain
     (1, chunk) row store had Triton convert each of the 32 rows per tile to a one-step-per-lane
-    layout through shared memory with a barrier; BENCHMARKS.md, 2026-12-06.)
+    layout through shared memory with a barrier; benchmarks/HISTORY.md, 2026-12-06.)
     atomic (the default): added into one (d_state, padded seq) accumulator shared by every channel
     block, as mamba_ssm does, instead of stored as this block's partial sums for XLA to reduce
     afterwards (2.1 GB written and read again at 4 x 4096 x 4096 with 4 channels per block). The
     float32 sum order then varies from run to run. The accumulator is padded to whole tiles, so no
     mask is needed (interpret mode has no masked atomics); steps past the end add zeros. With
     Pallas' acquire-release adds (a full fence after each, MEMBAR.ALL.GPU in the SASS) this was
-    1.6-3.8x slower than the partials on an H200 (BENCHMARKS.md, 2026-12-05); the adds are relaxed
+    1.6-3.8x slower than the partials on an H200 (benchmarks/HISTORY.md, 2026-12-05); the adds are relaxed
     now (`relaxed_atomics`, REDG without fences, as mamba_ssm's atomicAdd), and forward+backward is
     1.01-1.09x the partials' speed on an H100 (interleaved A/B, 2026-12-07).
     """
@@ -278,22 +272,18 @@ def _swap(x):
 _STATIC = ("chunk", "block_d", "softplus", "has_z", "num_warps", "interpret", "channels_first")
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "states_tile"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, has_z, num_warps, interpret,
-            channels_first=False, states_tile=False):
+            channels_first=False):
     """Contract of `triton_calls.forward_call`: y (batch, seq, d), the states entering each chunk
     (batch, num_chunks, d, d_state; only `backward` reads them), and the final state (batch, d_state, d).
-    channels_first: u, delta, z and y are (batch, d, seq) instead (no transposes).
-    states_tile: the kernel stores the states entering each tile as one (block_d, d_state) tile rather
-    than d_state (block_d, 1) columns, each of which Triton moves to the store's layout through shared
-    memory between two barriers."""
+    channels_first: u, delta, z and y are (batch, d, seq) instead (no transposes)."""
     edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
     batch, width, seq = u.shape if channels_first else _swap(u).shape
     d_state = at.shape[0]
     num_chunks = pl.cdiv(seq, chunk)
     s = _specs(seq, d_state, block_d, num_chunks, chunk)
-    kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
-                               states_tile=states_tile)
+    kernel = functools.partial(_forward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z)
     y, chunk_states, final = pl.pallas_call(
         kernel,
         grid=(batch, width // block_d),
@@ -310,30 +300,25 @@ def forward(u, delta, z, bt, ct, at, d, bias, h0, *, chunk, block_d, softplus, h
     return edge(y), chunk_states, jnp.swapaxes(final, 1, 2)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "atomic_cols", "four_row_sums", "warp_reverse_scans"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "atomic_cols", "four_row_sums"))
 def backward(u, delta, z, bt, ct, at, d, bias, chunk_states, dy, dfinal, *, chunk, block_d, softplus, has_z,
-             num_warps, interpret, channels_first=False, atomic_cols=False, four_row_sums=True,
-             warp_reverse_scans=False):
+             num_warps, interpret, channels_first=False, atomic_cols=False, four_row_sums=True):
     """Gradients in the layouts of `layouts.backward_out_shapes` (per-block partials reduced by the caller);
     channels_first: u, delta, z, dy, du, ddelta, dz are (batch, d, seq).
     atomic_cols: dB and dC summed over channel blocks in the kernel (`_store_col`); their partials then
     have one block.
     four_row_sums: dB and dC summed over the block's channels 4 states at a time by `channel_sums`'
     shuffles where it applies (4 channels x 32 steps on one warp; with atomic_cols too), else state by
-    state by Triton's butterfly.
-    warp_reverse_scans: the adjoint's reverse scans by `warp_scans`' shuffles where it applies (the same
-    tile), else by Triton's reverse tt.scan."""
+    state by Triton's butterfly."""
     d_state = at.shape[0]
     four_rows = four_row_sums and channel_sums.applies(block_d, chunk, num_warps, d_state)
-    warp_scans_on = warp_reverse_scans and warp_scans.applies(block_d, chunk, num_warps)
     edge = (lambda x: x) if channels_first else _swap  # to and from the kernels' (batch, d, seq)
     batch, width, seq = u.shape if channels_first else _swap(u).shape
     blocks = width // block_d
     num_chunks = chunk_states.shape[1]
     s = _specs(seq, d_state, block_d, num_chunks, chunk)
     kernel = functools.partial(_backward_kernel, seq=seq, chunk=chunk, softplus=softplus, has_z=has_z,
-                               atomic_cols=atomic_cols, four_rows=four_rows, warp_scans_on=warp_scans_on,
-                               interpret=interpret)
+                               atomic_cols=atomic_cols, four_rows=four_rows, interpret=interpret)
     row = lambda x: jax.ShapeDtypeStruct((batch, width, seq), x.dtype)  # noqa: E731
     state = jax.ShapeDtypeStruct((batch, width, d_state), F32)
     vec = jax.ShapeDtypeStruct((batch, width, 1), F32)

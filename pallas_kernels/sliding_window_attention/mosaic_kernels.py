@@ -33,8 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.sliding_window_attention.kernels import (F32, LOG2E, _band_mask, _banded_loop, _key_blocks,
-                                                             _query_blocks)
+from pallas_kernels.sliding_window_attention.kernels import (
+    F32,
+    LOG2E,
+    _band_mask,
+    _banded_loop,
+    _key_blocks,
+    _query_blocks,
+)
 
 WGS = 2  # compute warpgroups per CTA
 ROWS = 64  # rows per compute warpgroup: one wgmma M tile

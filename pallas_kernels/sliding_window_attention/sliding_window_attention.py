@@ -70,7 +70,7 @@ def mosaic_supports(q) -> bool:
 def default_tiles(seq: int, head_dim: int) -> kernels.Tiles:
     """The tiles `sliding_window_attention` uses unless told otherwise.
 
-    From the H200 sweep in BENCHMARKS.md (head_dim 128, seq 8192, window 2048): forward 64 x 64 on
+    From the H200 sweep in benchmarks/HISTORY.md (head_dim 128, seq 8192, window 2048): forward 64 x 64 on
     4 warps, 3 stages; dK/dV 128 query x 64 key rows on 8 warps, 2 stages (3 overflow shared memory);
     dQ 128 x 64 on 8 warps, 3 stages. Wider heads keep the untuned 64 x 64 / 8 warps / 2 stages
     everywhere (shared memory), short sequences (< 128) blocks of 64 or 16.

@@ -132,18 +132,15 @@ def test_unknown_layout_is_named():
         fused(**make_inputs(1, 8, 16, 16), layout="batch_major")
 
 
-@pytest.mark.parametrize("dtype,seq,forward_knobs", [
-    (jnp.float32, 300, {}), (jnp.bfloat16, 300, {}), (jnp.float32, 5, {}),
-    (jnp.bfloat16, 300, dict(fwd_states_tile=1)), (jnp.bfloat16, 300, dict(fwd_states_tile=0))])
-def test_forward_only_tiles_match_reference(dtype, seq, forward_knobs):
+@pytest.mark.parametrize("dtype,seq", [(jnp.float32, 300), (jnp.bfloat16, 300), (jnp.float32, 5)])
+def test_forward_only_tiles_match_reference(dtype, seq):
     """Undifferentiated calls scan 64- or 128-step tiles (not the backward's 32): ragged ends and a
-    sequence shorter than one tile; either way of storing the tiles' entering states."""
+    sequence shorter than one tile."""
     args = make_inputs(2, seq, 24, 16, dtype=dtype)
     module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
     knobs = module.default_channel_major_tuning(2, seq, 24, 32, jnp.dtype(dtype).itemsize)
     assert knobs["fwd_only_chunk"] == min(64 if dtype == jnp.float32 else 128, module._next_power_of_2(seq))
-    y, final = fused(**args, delta_softplus=True, return_final_state=True, backend="triton_channel_major",
-                     tuning=forward_knobs)
+    y, final = fused(**args, delta_softplus=True, return_final_state=True, backend="triton_channel_major")
     f32 = {k: v.astype(jnp.float32) for k, v in args.items()}
     want, want_final = ops.selective_scan(**f32, delta_softplus=True, return_final_state=True,
                                           implementation="reference")
@@ -159,8 +156,8 @@ def test_forward_only_tuning_is_validated():
 
 @pytest.mark.parametrize("backend", ["triton_channel_major", "triton"])
 def test_a_misspelt_tuning_knob_is_named_not_ignored(backend):
-    with pytest.raises(ValueError, match="fwd_state_tile.*fwd_block_d"):
-        fused(**make_inputs(1, 8, 16, 16), backend=backend, tuning=dict(fwd_state_tile=1))
+    with pytest.raises(ValueError, match="fwd_blok_d.*fwd_block_d"):
+        fused(**make_inputs(1, 8, 16, 16), backend=backend, tuning=dict(fwd_blok_d=8))
 
 
 def test_dispatcher_routes_pallas_to_the_fused_kernel():
@@ -240,8 +237,6 @@ def test_the_memory_measure_catches_a_scan_that_holds_every_state():
                                             ("triton_channel_major", dict(bwd_atomic_cols=0, bwd_block_d=8)),
                                             ("triton_channel_major", dict(bwd_atomic_cols=0)),  # four-row sums
                                             ("triton_channel_major", dict(bwd_atomic_cols=0, bwd_four_row_sums=0)),
-                                            ("triton_channel_major", dict(fwd_states_tile=1)),
-                                            ("triton_channel_major", dict(fwd_states_tile=0)),
                                             ("triton", dict(fwd_prefetch=0, bwd_prefetch=0)),
                                             ("triton", dict(fwd_prefetch=1, bwd_prefetch=3, fwd_warps=2))])
 def test_kernel_variants_and_tuning_do_not_change_results(backend, tuning):
@@ -308,35 +303,6 @@ def test_backward_default_tiles_sum_db_dc_four_states_at_a_time(seq, width, dtyp
     jax.clear_caches()
     with pytest.raises(AssertionError):
         assert_close(broken["B"], butterfly["B"], 1e-2, "B")
-
-
-@pytest.mark.parametrize("seq,width,dtype", [(45, 22, jnp.float32), (97, 8, jnp.float32), (64, 12, jnp.bfloat16)])
-def test_backward_default_tiles_run_reverse_scans_by_warp_shuffles(seq, width, dtype, monkeypatch):
-    """bwd_warp_scans on the default backward tile runs its reverse (adjoint) scans with `warp_scans`:
-    values and every gradient agree with Triton's reverse tt.scan (and, in float32, with the
-    reference) on ragged last tiles and padded channels; a wrong reverse scan there is caught."""
-    module = importlib.import_module("pallas_kernels.selective_scan.selective_scan")
-    knobs = module.default_channel_major_tuning(2, seq, width, 32, jnp.dtype(dtype).itemsize)
-    assert (knobs["bwd_block_d"], knobs["bwd_warps"]) == (4, 1)
-    args = make_inputs(2, seq, width, 16, seed=6, dtype=dtype)
-    options = dict(delta_softplus=True, backend="triton_channel_major", tuning=dict(bwd_warp_scans=1))
-    loss, shuffled = values_and_grads(fused, args, options)
-    loss_tt, tt_scan = values_and_grads(fused, args, dict(options, tuning=dict(bwd_warp_scans=0)))
-    assert_close(loss, loss_tt, 1e-6)
-    for name in args:
-        assert_close(shuffled[name], tt_scan[name], 1e-5 if dtype == jnp.float32 else 1e-2, name)
-    if dtype == jnp.float32:
-        _assert_grads_match_reference(args, shuffled)
-    from pallas_kernels.selective_scan import warp_scans
-    from pallas_kernels.selective_scan.linear_recurrence import linear_recurrence
-
-    # The forward recurrence in place of the reverse one: every gradient through the adjoint moves.
-    monkeypatch.setattr(warp_scans, "reverse_recurrence", lambda a, b, interpret: linear_recurrence(a, b, axis=1))
-    jax.clear_caches()
-    _, broken = values_and_grads(fused, args, options)
-    jax.clear_caches()
-    with pytest.raises(AssertionError):
-        assert_close(broken["u"], tt_scan["u"], 1e-2, "u")
 
 
 def test_backward_default_tiles_add_four_row_sums_atomically():

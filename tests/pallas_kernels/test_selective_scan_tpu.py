@@ -36,7 +36,8 @@ def test_tpu_kernel_matches_reference_values_and_every_gradient(batch, seq, widt
 
 def test_backend_tpu_routes_to_the_mosaic_kernels_and_default_off_tpu_is_channel_major():
     args = make_inputs(1, 16, 16, 4)
-    names = lambda **kw: str(jax.make_jaxpr(lambda a: fused(**a, chunk_size=8, **kw))(args))
+    def names(**kw):
+        return str(jax.make_jaxpr(lambda a: fused(**a, chunk_size=8, **kw))(args))
     assert "selective_scan_tpu_fwd" in names(backend="tpu")
     assert "selective_scan_tpu_fwd" not in names() and "selective_scan_cm_fwd" in names()
     assert "selective_scan_fwd" in names(backend="triton")
