@@ -151,7 +151,8 @@ def validate_run(config: Any, model_cfg: ModelConfig, process_count: int | None 
     """Checks the run-level fields (batch, sequence, schedule, files) before anything compiles.
 
     Each process loads an equal share of every micro-batch, so micro_batch_size must split evenly
-    over `process_count` (default: jax's), and the mesh (config.mesh) must split the shapes.
+    over `process_count` (default: jax's). Whether config.mesh splits the shapes is
+    `sharding.check_model_fits_mesh`'s to say (sharding imports this module, not the reverse).
     """
     if process_count is None:
         import jax
@@ -174,13 +175,6 @@ def validate_run(config: Any, model_cfg: ModelConfig, process_count: int | None 
     if config.micro_batch_size % process_count:
         _fail("micro_batch_size", f"{config.micro_batch_size} is not divisible by the process count "
               f"{process_count} (each process takes an equal share)", f"use a multiple of {process_count}")
-    if "mesh" in config:
-        import jax
-
-        from samba_jax import sharding
-
-        sizes = sharding.mesh_shape(config.mesh, jax.device_count())
-        sharding.check_model_fits_mesh(model_cfg, sizes, seq_len, config.micro_batch_size)
     if config.num_train_steps < 1:
         _fail("num_train_steps", "must be positive", "set num_train_steps >= 1")
     for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):

@@ -9,6 +9,7 @@ sliding window T*W - W^2/2, training = 3x forward) plus the selective scan's own
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -18,8 +19,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from samba_jax.config import ModelConfig, flops_per_token, parameter_count
+from samba_jax.configs import command_line
 from samba_jax.model.samba import abstract_params
-
 
 
 def parameter_table(cfg: ModelConfig) -> list[tuple[str, str, int]]:
@@ -67,6 +68,7 @@ def main():
     # Flags are defined here, not at import, so `summary_text` can be imported next to other CLIs.
     config = config_flags.DEFINE_config_file("config", None, "Experiment file (experiments/*.py[:variant]).")
     flags.mark_flags_as_required(["config"])
+    command_line.exit_on_config_flag_error(sys.argv)
     app.run(lambda argv: print(summary_text(config.value)))
 
 

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from samba_jax import distributed
 from samba_jax.checkpoint import DamagedCheckpointError
 from samba_jax.config import ConfigError
+from samba_jax.configs import command_line
 from samba_jax.train_loop import train_and_evaluate
 from samba_jax.trainer import NonFiniteError
 
@@ -53,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    command_line.exit_on_config_flag_error(sys.argv)  # one line, not ml_collections' traceback
     app.run(main)

@@ -19,12 +19,17 @@ import jax
 import numpy as np
 
 from samba_jax import checkpoint, metrics, sharding
-from samba_jax.config import (ConfigError, ConfigFileError, ModelConfig, flops_per_token, parameter_count,
-                              validate_run)
+from samba_jax.config import ConfigError, ConfigFileError, ModelConfig, flops_per_token, parameter_count, validate_run
 from samba_jax.data import pipeline
 from samba_jax.model.samba import SambaLM
-from samba_jax.trainer import (abstract_boxed_state, check_skips, init_state_on_mesh, make_eval_step, make_optimizer,
-                               make_train_step)
+from samba_jax.trainer import (
+    abstract_boxed_state,
+    check_skips,
+    init_state_on_mesh,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+)
 
 
 class StopRequested:
@@ -121,6 +126,8 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     model_cfg = ModelConfig.from_config(config.model)
     validate_run(config, model_cfg)
     seq_len, pcount = config.data.seq_len, jax.process_count()
+    sharding.check_model_fits_mesh(model_cfg, sharding.mesh_shape(config.mesh, jax.device_count()), seq_len,
+                                   config.micro_batch_size)
     accum = config.batch_size // config.micro_batch_size
 
     train_iter, make_eval_iter, eval_source = make_data(config, workdir, model_cfg)
@@ -201,7 +208,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
                 counters = {k: float(step_metrics[k]) for k in ("consecutive_skipped", "skip_run_start")}
                 check_skips(counters, step, config.max_consecutive_bad_steps, checkpoint.describe_latest(manager))
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-                with throughput.pause():
+                with throughput.pause(state):
                     if eval_source:
                         ev = evaluate(eval_step, state["params"], make_eval_iter, eval_global)
                         if ev:
@@ -210,7 +217,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
                             writer.write(step, ev)
                             last.update(ev)
             if saving:
-                with throughput.pause():
+                with throughput.pause(state):
                     checkpoint.save(manager, step, state, train_iter, force=stopping)
             if stopping:
                 break

@@ -25,10 +25,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import pydoc_data.topics
 import sysconfig
 from typing import NamedTuple
-
-import pydoc_data.topics
 
 SPLITS = ("train", "validation")
 VALIDATION_PERMILLE = 50  # ~5% of documents go to validation.

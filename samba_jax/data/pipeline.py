@@ -37,13 +37,12 @@ A mixture ends (repeat=False) when its first component runs out.
 
 from __future__ import annotations
 
-from absl import flags
 import grain
 import jax
 import numpy as np
+from absl import flags
 
-from samba_jax.data import packing
-from samba_jax.data import sources
+from samba_jax.data import packing, sources
 from samba_jax.data import tokenizer as tokenizer_lib
 
 

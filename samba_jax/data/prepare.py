@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from samba_jax.data import sources
 from samba_jax.data import tokenizer as tokenizer_lib
+from samba_jax.data.text_decoding import decode_utf8
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
 LONG_DOCUMENT_TOKENS = 1 << 16  # Counted only: packing splits them across rows anyway.
@@ -63,7 +64,7 @@ def _texts(path: str, fmt: str, field: str, stats: dict) -> Iterator[str]:
     """Documents of one input file, invalid UTF-8 replaced and counted in `stats`."""
 
     def decode(data: bytes) -> str:
-        text, bad = sources.decode_utf8(data)
+        text, bad = decode_utf8(data)
         stats["invalid_utf8_documents"] += bool(bad)
         stats["replaced_bytes"] += bad
         return text

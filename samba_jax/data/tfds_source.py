@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from samba_jax.data import sources
+from samba_jax.data.text_decoding import CountingTextSource
 
 
-class TfdsTextSource(sources.CountingTextSource):
+class TfdsTextSource(CountingTextSource):
     """A prepared TFDS split (ArrayRecord); element i is its `feature` as text."""
 
     def __init__(self, name: str, split: str, data_dir: str | None, feature: str):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+
 def numbered_documents(count: int) -> list[str]:
     """Distinct documents of varied length; document i starts with "doc i:"."""
     words = ["alpha", "beta", "gamma", "delta", "import os", "def f(x):", "\n    return"]

@@ -1,9 +1,9 @@
 """The embedded stdlib corpus: stable, disjoint splits with real content."""
 
+import pydoc_data.topics
 import subprocess
 import sys
 
-import pydoc_data.topics
 import pytest
 
 from samba_jax.data import default_corpus

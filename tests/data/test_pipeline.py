@@ -8,10 +8,8 @@ import grain
 import numpy as np
 import pytest
 
-from samba_jax.data import default_corpus
-from samba_jax.data import pipeline
+from samba_jax.data import default_corpus, pipeline
 from samba_jax.data import tokenizer as tokenizer_lib
-
 from tests.conftest import TINY_VOCAB
 
 

@@ -8,8 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from samba_jax.data import pipeline
-from samba_jax.data import sources
+from samba_jax.data import pipeline, sources
 
 
 def _one_process(**kwargs):

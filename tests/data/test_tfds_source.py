@@ -5,8 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from samba_jax.data import pipeline
-from samba_jax.data import sources
+from samba_jax.data import pipeline, sources
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

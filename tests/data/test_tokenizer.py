@@ -6,7 +6,6 @@ import pickle
 import pytest
 
 from samba_jax.data import tokenizer as tokenizer_lib
-
 from tests.conftest import TINY_VOCAB
 
 SAMPLES = [
