@@ -64,8 +64,11 @@ class Throughput:
         self._steps = 0
         self._paused = 0.0
 
-    def pause(self) -> "_Pause":
-        return _Pause(self)
+    def pause(self, pending: Any = None) -> "_Pause":
+        """A block whose time is not counted. `pending`: arrays of the last dispatched train step; the
+        pause starts once they are computed, so queued steps (JAX dispatches asynchronously, and the
+        host runs ahead between log points) are counted as training, not as the eval that waits on them."""
+        return _Pause(self, pending)
 
     def report(self, step: int) -> dict[str, float | None]:
         """Metrics for the steps since the last report; call after the step's results are ready."""
@@ -89,10 +92,12 @@ class Throughput:
 
 
 class _Pause:
-    def __init__(self, tp: Throughput):
-        self.tp = tp
+    def __init__(self, tp: Throughput, pending: Any = None):
+        self.tp, self.pending = tp, pending
 
     def __enter__(self):
+        if self.pending is not None:
+            jax.block_until_ready(self.pending)
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc):
