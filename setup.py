@@ -28,7 +28,9 @@ setup(
     ],
     extras_require={
         # The test extra pulls the optional readers so CI exercises them (TensorFlow is never needed).
-        "test": ["pytest>=8", "pyarrow>=15", "tensorflow-datasets>=4.9.10"],
+        # pytest-xdist runs the suite on every core (pytest.ini); ruff is the linter .ci/run calls (ruff.toml).
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12", "ruff==0.17.6", "pyarrow>=15",
+                 "tensorflow-datasets>=4.9.10"],
         "tfds": ["tensorflow-datasets>=4.9.10"],
         "parquet": ["pyarrow>=15"],
         "gpu": ["jax[cuda13]==0.11.2"],

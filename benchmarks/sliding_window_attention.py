@@ -31,7 +31,8 @@ def _attention_fn(impl: str, window):
     pallas:mosaic:128x2/64x3/64x3), pallas:BLOCK_Q:BLOCK_K[:WARPS] (Triton, all three kernels), or
     pallas:FWD/DKV/DQ with each BLOCK_QxBLOCK_KxWARPSxSTAGES (Triton, e.g. pallas:128x64x8x3/64x64x8x2/64x64x8x2)."""
     if impl.startswith("pallas:"):
-        from pallas_kernels.sliding_window_attention import kernels, sliding_window_attention as pallas_attention
+        from pallas_kernels.sliding_window_attention import kernels
+        from pallas_kernels.sliding_window_attention import sliding_window_attention as pallas_attention
 
         spec = impl.split(":", 1)[1]
         if spec in ("mosaic", "triton"):

@@ -12,7 +12,7 @@ def get_config(arg=None):
     c.model.update(vocab_size=32000, d_model=2304, num_repeats=9, pattern="mamba,mlp,swa,mlp",
                    num_heads=18, num_kv_heads=18, head_dim=128, window=2048, mlp_hidden=6144)
     # Keep matmul outputs, recompute the rest in the backward: on one H200 at micro-batch 8 x 4096
-    # 714 ms/step in 63.1 GiB (remat=block 839 ms in 33.0 GiB; none runs out of memory; BENCHMARKS.md).
+    # 714 ms/step in 63.1 GiB (remat=block 839 ms in 33.0 GiB; none runs out of memory; benchmarks/HISTORY.md).
     # Longer sequences (the seq_len variants) use remat=block, the smallest activation memory.
     c.model.remat = "save_dots" if c.data.seq_len <= 4096 else "block"
     return c

@@ -12,7 +12,7 @@ def get_config(arg=None):
     c.model.update(vocab_size=32000, d_model=1536, num_repeats=6, pattern="mamba,mlp,swa,mlp",
                    num_heads=12, num_kv_heads=12, head_dim=128, window=2048, mlp_hidden=4096)
     # Keep matmul outputs, recompute the rest in the backward: on one H200 at micro-batch 8 x 4096
-    # 271 ms/step in 28.9 GiB, against 293 ms in 70.4 GiB without remat (BENCHMARKS.md).
+    # 271 ms/step in 28.9 GiB, against 293 ms in 70.4 GiB without remat (benchmarks/HISTORY.md).
     # Longer sequences (the seq_len variants) use remat=block, the smallest activation memory.
     c.model.remat = "save_dots" if c.data.seq_len <= 4096 else "block"
     return c

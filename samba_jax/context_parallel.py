@@ -128,7 +128,7 @@ def _shards(mesh, axes) -> int:
     """How many pieces mesh axes `axes` (None, a name or a tuple of names) split a dimension into.
 
     A mesh always has a `context` axis, usually of size 1; the two-pass context-parallel paths must
-    not run then (on 2 H200s they made every Mamba layer scan twice: BENCHMARKS.md, scale-out)."""
+    not run then (on 2 H200s they made every Mamba layer scan twice: benchmarks/HISTORY.md, scale-out)."""
     if axes is None:
         return 1
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))

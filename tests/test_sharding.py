@@ -14,19 +14,23 @@ import pytest
 from samba_jax import sharding
 from samba_jax.config import ConfigError, ModelConfig
 from samba_jax.configs.base import load_experiment
+from tests.conftest import computed_once, cpu_devices_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def eight_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _run_eight_device_worker() -> dict:
+    env = cpu_devices_env(8, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharding_worker.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, out.stderr[-3000:]
     return json.loads(lines[0][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    return computed_once("eight_devices", _run_eight_device_worker)
 
 
 @pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "fsdp_tensor", "context", "context_chunked_loss"])

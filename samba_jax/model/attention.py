@@ -8,9 +8,9 @@ x: (batch, seq, d_model) -> (batch, seq, d_model).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from samba_jax import context_parallel, ops
 from samba_jax.config import ModelConfig

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Initializer = Callable[..., jax.Array]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from samba_jax import context_parallel, ops
 from samba_jax.config import ModelConfig

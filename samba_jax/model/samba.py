@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from samba_jax.config import ModelConfig
-from samba_jax.sharding import constrain
 from samba_jax.model.attention import Attention
 from samba_jax.model.layers import Dense, Embedding, RMSNorm, SwiGLU
 from samba_jax.model.mamba import DECODE_STATE, MambaMixer
+from samba_jax.sharding import constrain
 
 REMAT_POLICIES = {
     "block": None,  # save only the block's input, recompute everything else

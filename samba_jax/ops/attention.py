@@ -9,7 +9,7 @@ window (NVIDIA GPUs, bfloat16/float16; other dtypes fall back to "banded"); "spl
 splash attention kernel with a causal band mask (TPU; Pallas interpret mode elsewhere, for tests);
 "pallas" is our flash-style kernel (pallas_kernels/sliding_window_attention): Mosaic GPU on Hopper
 (bf16/fp16, head_dim 64 or 128; on an H200 at cuDNN's training speed at window 2048, 1.03-1.18x
-faster at window 512, slower at 4096, BENCHMARKS.md), Triton on other GPUs, interpret mode on CPU.
+faster at window 512, slower at 4096, benchmarks/HISTORY.md), Triton on other GPUs, interpret mode on CPU.
 Logits, softmax and accumulation run in float32;
 the output has q's dtype. `sliding_window_attention_decode` serves one new token per sequence
 against a ring-buffer KV cache during generation.
@@ -217,7 +217,7 @@ def _default_implementation() -> str:
     """cuDNN on NVIDIA GPUs, splash on TPU (block-sparse band; not yet measured on a TPU), else
     blocked XLA. On an H200 our Mosaic GPU kernel ("pallas") ties cuDNN at Samba's window 2048 and
     trains faster at window 512 but runs some of those forwards slower (0.83-0.88x at 16K-128K) and
-    loses at 4096 (BENCHMARKS.md), so cuDNN, never slower than itself, stays the default; pass
+    loses at 4096 (benchmarks/HISTORY.md), so cuDNN, never slower than itself, stays the default; pass
     implementation="pallas" (model.attention_implementation) for short windows."""
     return {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "banded")
 
@@ -260,7 +260,7 @@ def sliding_window_attention_decode(q: jax.Array, k_cache: jax.Array, v_cache: j
     reference), "pallas" (pallas_kernels/sliding_window_attention/decode.py: flash decoding, K and V
     read once in one kernel; needs a power-of-two head_dim) or None: "pallas" for a window on a GPU,
     else "xla" (on an H200, samba_1b's SWA step: 1.98 instead of 2.25 ms per decode step; a 1B
-    Transformer's full-attention GQA cache: slower, 27.8 instead of 13.9 ms at 64K; BENCHMARKS.md).
+    Transformer's full-attention GQA cache: slower, 27.8 instead of 13.9 ms at 64K; benchmarks/HISTORY.md).
     Returns (batch, q_heads, head_dim) in q's dtype.
     """
     if q.ndim != 3:

@@ -115,7 +115,7 @@ _IMPLEMENTATIONS: dict[str, ScanCore] = {
 
 # Fastest implementation per backend; a backend missing here gets "chunked".
 # GPU: the fused Pallas kernel's forward+backward is 4.8-5.6x faster than "chunked" at the models'
-# shapes on an H200 (BENCHMARKS.md, 2026-11-28). CPU: "chunked" (Pallas runs interpreted there).
+# shapes on an H200 (benchmarks/HISTORY.md, 2026-11-28). CPU: "chunked" (Pallas runs interpreted there).
 _DEFAULT_IMPLEMENTATION_BY_PLATFORM: dict[str, str] = {"cpu": "chunked", "gpu": "pallas", "tpu": "chunked"}
 
 
@@ -257,7 +257,7 @@ def default_sequence_splits(implementation: str, batch: int, seq: int, d_inner: 
     """Sequence pieces for the fused GPU kernel when batch x d_inner alone gives it too little work.
 
     Each kernel program walks its whole sequence, so with few channel rows (batch x d_inner) the
-    GPU idles. Measured on an H200 (BENCHMARKS.md, selective scan): the step-by-step kernel
+    GPU idles. Measured on an H200 (benchmarks/HISTORY.md, selective scan): the step-by-step kernel
     ("pallas:triton") at 1 x 16K x 4096 bf16 runs fwd+bwd in 20.5 ms with 16 pieces instead of 42.9,
     so it is split: at <= 8K rows, pieces of >= 512 steps, until 64K rows. The channel-major kernel
     (the default "pallas") is not: unsplit it trains faster (11.5 vs 14.8 ms), and since its

@@ -22,7 +22,8 @@ def _inputs(seed, batch, seq, q_heads, kv_heads, head_dim, dtype=jnp.float32):
 
 @functools.partial(jax.jit, static_argnames=("window", "impl", "block"))
 def _out_and_grads(q, k, v, ct, window, impl, block):
-    fn = lambda q, k, v: sliding_window_attention(q, k, v, window, implementation=impl, block_size=block)
+    def fn(q, k, v):
+        return sliding_window_attention(q, k, v, window, implementation=impl, block_size=block)
     out, vjp = jax.vjp(fn, q, k, v)
     return out, vjp(ct)
 
@@ -197,9 +198,12 @@ def _max_big_axes(fn, *args, big=1024):
 
 def test_banded_builds_no_seq_by_seq_tensor():
     q, k, v, _ = _inputs(8, 1, 1024, 2, 1, 8)
-    fwd = lambda impl: (lambda q, k, v: sliding_window_attention(q, k, v, 64, implementation=impl, block_size=64))
-    loss = lambda impl: (lambda q, k, v: fwd(impl)(q, k, v).sum())
-    grad = lambda impl: jax.grad(loss(impl), argnums=(0, 1, 2))
+    def fwd(impl):
+        return (lambda q, k, v: sliding_window_attention(q, k, v, 64, implementation=impl, block_size=64))
+    def loss(impl):
+        return (lambda q, k, v: fwd(impl)(q, k, v).sum())
+    def grad(impl):
+        return jax.grad(loss(impl), argnums=(0, 1, 2))
     assert _max_big_axes(fwd("banded"), q, k, v) <= 1
     assert _max_big_axes(grad("banded"), q, k, v) <= 1
     # The walker can see a seq x seq tensor when there is one.
@@ -346,7 +350,8 @@ def test_pallas_default_tiles_at_a_length_past_one_block_match_reference():
 def test_pallas_with_a_different_tile_per_kernel_matches_reference(window):
     # Unequal blocks per kernel: the band's interior (unmasked) and edge blocks fall differently in
     # each kernel, and the padding (to the largest block) exceeds some kernels' blocks.
-    from pallas_kernels.sliding_window_attention import kernels, sliding_window_attention as pallas_attention
+    from pallas_kernels.sliding_window_attention import kernels
+    from pallas_kernels.sliding_window_attention import sliding_window_attention as pallas_attention
 
     tiles = kernels.Tiles(kernels.Tile(32, 16, 4, 2), kernels.Tile(16, 64, 4, 1), kernels.Tile(64, 32, 4, 3))
     q, k, v, ct = _inputs(7, 1, 150, 4, 2, 16)

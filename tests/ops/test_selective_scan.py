@@ -223,7 +223,8 @@ def test_causality(implementation):
     inputs = make_inputs(4, seq=24)
     changed_step = 13
     perturbed = dict(inputs, u=inputs["u"].at[:, changed_step].add(1.0))
-    run = lambda args: jit_selective_scan(**args, delta_softplus=True, implementation=implementation, chunk_size=8)
+    def run(args):
+        return jit_selective_scan(**args, delta_softplus=True, implementation=implementation, chunk_size=8)
     y, y_perturbed = run(inputs), run(perturbed)
     np.testing.assert_array_equal(y[:, :changed_step], y_perturbed[:, :changed_step])
     assert np.all(np.any(np.asarray(y[:, changed_step:] != y_perturbed[:, changed_step:]), axis=(0, 2)))
