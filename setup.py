@@ -32,6 +32,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12", "ruff==0.17.6", "pyarrow>=15",
                  "tensorflow-datasets>=4.9.10"],
         "tfds": ["tensorflow-datasets>=4.9.10"],
+        # Plots of the evaluation results (python -m samba_jax.evaluate; without it no PNG is written).
+        "eval": ["matplotlib>=3.8"],
         "parquet": ["pyarrow>=15"],
         "gpu": ["jax[cuda13]==0.11.2"],
         "tpu": ["jax[tpu]==0.11.2"],

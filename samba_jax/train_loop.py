@@ -68,6 +68,30 @@ def write_config(config: Any, workdir: str, step: int) -> None:
         f.write(text)
 
 
+def eval_lengths(config: Any) -> list[int]:
+    """config.eval_lengths ("4096,8192,16384": validation also at these lengths; "" none) as ints."""
+    value = config.get("eval_lengths", "") or ""
+    text = ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value).strip("()[] ")
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"config.eval_lengths={text!r} is not a list of lengths. Fix: e.g. "
+                          f"--config.eval_lengths=4096,8192,16384.") from None
+    if any(length < 1 for length in lengths):
+        raise ConfigError(f"config.eval_lengths={text!r}: lengths must be positive.")
+    return lengths
+
+
+def evaluate_all(eval_step, params, make_eval_iter, lengths, to_global) -> dict[str, float]:
+    """The validation loss at the training length, and `eval_loss@L` for each L of eval_lengths."""
+    out = evaluate(eval_step, params, make_eval_iter, to_global)
+    for length in lengths:
+        ev = evaluate(eval_step, params, lambda length=length: make_eval_iter(length), to_global)
+        if ev:
+            out[f"eval_loss@{length}"] = ev["eval_loss"]
+    return out
+
+
 def evaluate(eval_step, params, make_eval_iter, to_global=lambda x: x) -> dict[str, float]:
     """Mean next-token loss and perplexity over the (fixed) validation batches."""
     total, count = 0.0, 0.0
@@ -97,22 +121,33 @@ def make_data(config: Any, workdir: str, model_cfg: ModelConfig):
         # make_dataset also checks that prepared (array_record) data was tokenized with this tokenizer.
         source_options = dict(jsonl_field=config.data.jsonl_field, tfds_data_dir=config.data.tfds_data_dir or None,
                               tfds_text_feature=config.data.tfds_text_feature)
+        # Validation: data.eval_source, else the source's own split ("stdlib"), else documents held out of
+        # the training source (data/holdout.py), else none (data.holdout_permille=0), said in the log.
+        holdout = 0 if config.data.eval_source or config.data.source == "stdlib" else config.data.holdout_permille
+        eval_source = config.data.eval_source or (config.data.source if config.data.source == "stdlib" or holdout
+                                                  else "")
         train_iter = iter(pipeline.make_dataset(
             config.data.source, tokenizer, seq_len, config.batch_size // pcount, seed=config.seed, split="train",
-            worker_count=config.data.worker_count, **source_options))
-        eval_source = config.data.eval_source or (config.data.source if config.data.source == "stdlib" else "")
+            worker_count=config.data.worker_count, holdout_permille=holdout, **source_options))
         if eval_source and eval_source != config.data.source:
             pipeline.check_source(eval_source, tokenizer)
+        if holdout:
+            metrics.log(f"Validation: {holdout} in 1000 documents of {config.data.source} held out of training "
+                        f"(data.holdout_permille; set data.eval_source to use other documents).")
+        elif not eval_source:
+            metrics.log("Validation: none (data.holdout_permille=0 and no data.eval_source).")
     except ConfigError:
         raise
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise (ConfigFileError if isinstance(e, FileNotFoundError) else ConfigError)(f"config.data: {e}") from e
 
-    def make_eval_iter():
-        # Fixed batches: unshuffled, repeated so every process takes exactly eval_steps batches.
+    def make_eval_iter(length: int = seq_len):
+        # Fixed batches: unshuffled, repeated so every process takes exactly eval_steps batches. At
+        # another length (eval_lengths) a batch holds about as many tokens as a micro-batch.
+        rows = max(1, config.micro_batch_size * seq_len // length // pcount)
         return iter(pipeline.make_dataset(
-            eval_source, tokenizer, seq_len, config.micro_batch_size // pcount, seed=config.seed,
-            split="validation", shuffle=False, repeat=True, max_batches=config.eval_steps, **source_options))
+            eval_source, tokenizer, length, rows, seed=config.seed, split="validation", shuffle=False, repeat=True,
+            max_batches=config.eval_steps, holdout_permille=holdout, **source_options))
 
     return train_iter, make_eval_iter, eval_source
 
@@ -125,6 +160,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     """
     model_cfg = ModelConfig.from_config(config.model)
     validate_run(config, model_cfg)
+    lengths = eval_lengths(config)
     seq_len, pcount = config.data.seq_len, jax.process_count()
     sharding.check_model_fits_mesh(model_cfg, sharding.mesh_shape(config.mesh, jax.device_count()), seq_len,
                                    config.micro_batch_size)
@@ -179,9 +215,13 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
     stop = StopRequested(sigterm=pcount == 1)
     last: dict[str, float] = {}
     step, preempted = start, False
+    def eval_line(step, ev):
+        at = "".join(f" eval_loss@{k.split('@')[1]} {v:.4f}" for k, v in ev.items() if "@" in k)
+        return f"step {step} eval_loss {ev['eval_loss']:.4f} perplexity {ev['eval_perplexity']:.2f}{at}"
+
     if start == 0 and eval_source:  # the loss before training, so the first curve point is the init
-        ev = evaluate(eval_step, state["params"], make_eval_iter, eval_global)
-        metrics.log(f"step 0 eval_loss {ev['eval_loss']:.4f} perplexity {ev['eval_perplexity']:.2f}")
+        ev = evaluate_all(eval_step, state["params"], make_eval_iter, lengths, eval_global)
+        metrics.log(eval_line(0, ev))
         writer.write(0, ev)
     try:
         while step < config.num_train_steps:
@@ -210,10 +250,9 @@ def train_and_evaluate(config: Any, workdir: str, stop_after_steps: int = 0) -> 
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
                 with throughput.pause(state):
                     if eval_source:
-                        ev = evaluate(eval_step, state["params"], make_eval_iter, eval_global)
+                        ev = evaluate_all(eval_step, state["params"], make_eval_iter, lengths, eval_global)
                         if ev:
-                            metrics.log(f"step {step} eval_loss {ev['eval_loss']:.4f} "
-                                        f"perplexity {ev['eval_perplexity']:.2f}")
+                            metrics.log(eval_line(step, ev))
                             writer.write(step, ev)
                             last.update(ev)
             if saving:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from samba_jax.config import ConfigError
 from samba_jax.configs.base import load_experiment
 from samba_jax.data import tokenizer as tokenizer_lib
 from samba_jax.train_loop import train_and_evaluate
@@ -268,3 +269,22 @@ def test_cli_diverging_run_skips_nonfinite_steps_then_exits_3(tokenizer_path, tm
     assert "ERROR (NonFiniteError)" in run.stderr and "3 consecutive" in run.stderr
     records = [r for r in read_metrics(workdir) if "loss" in r]
     assert records[0]["skipped"] == 0 and any(r["skipped"] for r in records)
+
+
+def test_a_file_source_validates_on_held_out_documents_and_at_eval_lengths(tokenizer_path, tmp_path):
+    from samba_jax.data import default_corpus
+
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w") as f:
+        for text in default_corpus.load_documents("validation")[:60]:
+            f.write(json.dumps({"text": text}) + "\n")
+    c = tiny_config(tokenizer_path, 2)
+    c.data.source = f"jsonl:{path}"
+    c.eval_lengths = "16,64"
+    last = train_and_evaluate(c, str(tmp_path / "run"))
+    assert {"eval_loss", "eval_loss@16", "eval_loss@64"} <= set(last), last
+    records = read_metrics(str(tmp_path / "run"))
+    assert any("eval_loss@64" in r for r in records if r.get("step") == 0)
+    c.eval_lengths = "16,x"
+    with pytest.raises(ConfigError, match="eval_lengths"):
+        train_and_evaluate(c, str(tmp_path / "run2"))

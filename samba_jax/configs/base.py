@@ -78,8 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
         # `python -m samba_jax.data.prepare`), "tfds:NAME[/CONFIG][:SPLIT]" or a token-weighted mixture
         # "mix:0.7*jsonl:/a/*.jsonl,0.3*array_record:/b" (see samba_jax/data/sources.py).
         source="stdlib",
-        # Validation documents: "" = the default corpus's validation split for "stdlib", else none.
+        # Validation documents: "" = the default corpus's validation split for "stdlib", else documents
+        # held out of `source` (holdout_permille per 1000, never trained on; 0: no validation).
         eval_source="",
+        holdout_permille=10,
         tokenizer="",  # SentencePiece .model; "" trains one on the default corpus (stdlib only)
         seq_len=4096,
         jsonl_field="text",
@@ -105,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.eval_every_steps = 1000
     c.eval_steps = 50  # validation batches (of micro_batch_size sequences) per evaluation
+    # Also validate at these lengths ("4096,8192,16384", the reference's), logged as eval_loss@L; a batch
+    # at L holds about micro_batch_size * seq_len tokens.
+    c.eval_lengths = ""
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.async_checkpointing = True

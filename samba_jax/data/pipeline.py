@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from samba_jax.data import packing, sources
+from samba_jax.data import holdout, packing, sources
 from samba_jax.data import tokenizer as tokenizer_lib
 
 
@@ -88,6 +88,7 @@ def make_dataset(
     tfds_data_dir: str | None = None,
     tfds_text_feature: str = "text",
     max_batches: int | None = None,
+    holdout_permille: int = 0,
 ) -> grain.IterDataset:
     """Builds the packed-token dataset of one JAX process.
 
@@ -117,6 +118,9 @@ def make_dataset(
             evaluation, choose it at most the smallest per-process batch count (or
             use repeat=True with shuffle=False), so that all processes take the same
             number of steps.
+        holdout_permille: If positive, sources other than "stdlib" are split by
+            data/holdout.py: "validation" is this many documents per 1000, "train"
+            the rest (for a run whose source has no validation of its own).
 
     Returns:
         A `grain.IterDataset` whose elements are
@@ -139,6 +143,11 @@ def make_dataset(
             tfds_text_feature=tfds_text_feature)
         if getattr(documents, "tokenized", False):
             _check_documents(spec, documents, tokenizer)
+        if holdout_permille and spec != "stdlib":
+            documents = holdout.HeldOutSplit(documents, split, holdout_permille)
+            if len(documents) == 0:
+                raise ValueError(f"Data source {spec!r} has one document, too few to hold any out for validation."
+                                 " Fix: set config.data.eval_source, or data.holdout_permille=0 for no validation.")
         ds = grain.MapDataset.source(documents)
         if shuffle:
             # Distinct seeds keep equal-sized components from sharing a permutation.

@@ -16,6 +16,7 @@ from samba_jax import context_parallel, ops
 from samba_jax.config import ModelConfig
 from samba_jax.model.layers import Dense, apply_rotary
 from samba_jax.model.mamba import DECODE_STATE
+from samba_jax.ops.cache_attention import attention_over_cache
 
 
 class Attention(nn.Module):
@@ -42,14 +43,19 @@ class Attention(nn.Module):
         if self.is_mutable_collection(DECODE_STATE) and not self.is_initializing():  # prefill for generation
             previous = self.get_variable(DECODE_STATE, "previous") if self.has_variable(DECODE_STATE,
                                                                                          "previous") else None
-            if previous is not None:  # a later chunk: the earlier keys it can see, oldest first, come first
-                k = jnp.concatenate([previous["k"].astype(k.dtype), k], axis=1)
-                v = jnp.concatenate([previous["v"].astype(v.dtype), v], axis=1)
-                seen = previous["k"].shape[1]
-                q = jnp.concatenate([jnp.zeros((batch, seen, h, hd), q.dtype), q], axis=1)
-            # The rotated keys and values (earlier ones first), from which generate.py builds the KV cache.
-            self.sow(DECODE_STATE, "kv", {"k": k, "v": v}, reduce_fn=lambda _, new: new, init_fn=lambda: None)
-            o = ops.sliding_window_attention(q, k, v, self.window, **options)[:, q.shape[1] - seq:]
+            # The rotated keys and values, from which generate.py and the streaming scorer update their caches.
+            if previous is not None and "positions" in previous:  # streaming: a cache tagged by position
+                self.sow(DECODE_STATE, "kv", {"k": k, "v": v}, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+                o = attention_over_cache(q, k, v, positions, previous["k"], previous["v"], previous["positions"],
+                                         self.window)
+            else:
+                if previous is not None:  # a later prefill chunk: the earlier keys it can see, oldest first
+                    k = jnp.concatenate([previous["k"].astype(k.dtype), k], axis=1)
+                    v = jnp.concatenate([previous["v"].astype(v.dtype), v], axis=1)
+                    seen = previous["k"].shape[1]
+                    q = jnp.concatenate([jnp.zeros((batch, seen, h, hd), q.dtype), q], axis=1)
+                self.sow(DECODE_STATE, "kv", {"k": k, "v": v}, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+                o = ops.sliding_window_attention(q, k, v, self.window, **options)[:, q.shape[1] - seq:]
         else:
             o = context_parallel.sliding_window_attention_on_mesh(q, k, v, self.window, **options)
         return Dense(cfg.d_model, ("heads", "embed"), dtype, self.out_scale, name="o_proj")(

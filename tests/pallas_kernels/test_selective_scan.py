@@ -279,7 +279,8 @@ def _assert_grads_match_reference(args, grads, rtol=2e-5):
         assert_close(grads[name], grads_ref[name], rtol, name)
 
 
-@pytest.mark.parametrize("seq,width,dtype", [(45, 22, jnp.float32), (97, 8, jnp.float32), (64, 12, jnp.bfloat16)])
+# 97 steps: a ragged last 32-step tile; 22 and 12 channels: padded channel blocks of 4.
+@pytest.mark.parametrize("seq,width,dtype", [(97, 22, jnp.float32), (64, 12, jnp.bfloat16)])
 def test_backward_default_tiles_sum_db_dc_four_states_at_a_time(seq, width, dtype, monkeypatch):
     """The default backward tile (4 channels x 32 steps, one warp) sums dB, dC over channels 4 states
     at a time (`channel_sums`): ragged last tiles and padded channels agree with the state-by-state
