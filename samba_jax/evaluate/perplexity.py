@@ -112,9 +112,7 @@ def stream(cfg: ModelConfig, params: Any, rows: np.ndarray, chunk: int) -> tuple
 
 
 def _window_nll(cfg: ModelConfig, params: Any, window_rows: jax.Array) -> jax.Array:
-    logits = SambaLM(cfg).apply({"params": params}, window_rows[:, :-1])
-    targets = window_rows[:, 1:]
-    return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return streaming.token_nll(SambaLM(cfg).apply({"params": params}, window_rows[:, :-1]), window_rows[:, 1:])
 
 
 def stride(cfg: ModelConfig, params: Any, rows: np.ndarray, window: int, step: int

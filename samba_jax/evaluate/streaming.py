@@ -55,6 +55,11 @@ def state_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits (..., vocab) float32, targets (...) int32 -> -log p(target), (...) float32."""
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def score_chunk(cfg: ModelConfig, params: Any, state: dict, tokens: jax.Array, targets: jax.Array,
                 start: jax.Array) -> tuple[jax.Array, dict]:
     """tokens, targets: (batch, chunk) int32 (targets: the next tokens); start: () int32, the position
@@ -64,7 +69,7 @@ def score_chunk(cfg: ModelConfig, params: Any, state: dict, tokens: jax.Array, t
     previous = {name: {"previous": st} for name, st in state.items()}
     logits, out = SambaLM(cfg).apply({"params": params, DECODE_STATE: {"blocks": previous}}, tokens, positions,
                                      mutable=[DECODE_STATE])
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = token_nll(logits, targets)
     sown = out[DECODE_STATE]["blocks"]
     new = {}
     for name, st in state.items():
